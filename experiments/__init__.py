@@ -1,0 +1,1 @@
+"""Experiment launchers (absl flags); run from the repository root with ``python -m``."""

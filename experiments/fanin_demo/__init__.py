@@ -1,0 +1,1 @@
+"""Demo: a fixed fan-in classifier trained on generated data."""

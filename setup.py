@@ -1,0 +1,38 @@
+"""sparsejax: sparse training in JAX whose memory and compute scale with the non-zeros."""
+
+import pathlib
+import re
+
+from setuptools import setup
+
+ROOT = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "sparsejax" / "__init__.py").read_text())[1]
+
+setup(
+    name="sparsejax",
+    version=VERSION,
+    description="Really sparse training in JAX/Flax: fixed fan-in layers, SET, SμPar, N:M gradients",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # The top-level kernels/ folder ships as the sub-package sparsejax.kernels.
+    packages=["sparsejax", "sparsejax.kernels"],
+    package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # The suite executes the notebooks, so it needs their kernel too.
+        "test": ["pytest>=8", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.29"],
+        "notebooks": ["jupyterlab>=4", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
+        "data": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
+        "gpu": ["jax[cuda12]>=0.10", "jax-triton>=0.3", "triton>=3.1"],
+    },
+)

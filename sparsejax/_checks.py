@@ -1,0 +1,95 @@
+"""Input validation shared by the layers and ops.
+
+Shape and dtype checks are static and always run. Checks that need values
+(index range, repeated indices, NaN) run only on concrete arrays: eagerly, or
+on constants closed over inside ``jit``. Traced values are unknown and trusted
+(see ``check_fixed_fanin``). Each value check reduces on the device first and
+goes to the host only to name the offending entry.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+  """True when ``x`` is a tracer (inside jit/grad/vmap), so its values are unknown."""
+  return isinstance(x, jax.core.Tracer)
+
+
+def dtype_of(x):
+  """The dtype of an array or array-like, without copying an array."""
+  return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
+def _holds(predicate, x) -> bool:
+  """Evaluates ``predicate(x)`` now, also on a constant captured while tracing."""
+  with jax.ensure_compile_time_eval():
+    return bool(predicate(jnp.asarray(x)))
+
+
+def check_float(x, name: str) -> None:
+  if not jnp.issubdtype(dtype_of(x), jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {dtype_of(x)}")
+
+
+def check_int(x, name: str) -> None:
+  if not jnp.issubdtype(dtype_of(x), jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got dtype {dtype_of(x)}")
+
+
+def check_fanin_operands(x, values, indices) -> None:
+  """Static checks for ``fixed_fanin_matmul(x, values, indices)``."""
+  check_float(x, "x")
+  check_float(values, "values")
+  check_int(indices, "indices")
+  if jnp.ndim(x) < 1:
+    raise ValueError("x must have shape (..., in), got a scalar")
+  if jnp.ndim(values) != 2:
+    raise ValueError(f"values must have shape (out, K), got {jnp.shape(values)}")
+  if jnp.shape(indices) != jnp.shape(values):
+    raise ValueError(
+        f"indices shape {jnp.shape(indices)} must equal values shape {jnp.shape(values)}")
+  fan_in, in_features = jnp.shape(values)[1], jnp.shape(x)[-1]
+  if fan_in > in_features:
+    raise ValueError(f"fan-in K={fan_in} exceeds the input size in={in_features}")
+
+
+def check_index_range(indices, in_features: int, name: str) -> None:
+  """Raises ``ValueError`` naming the first entry outside ``[0, in_features)`` (concrete only)."""
+  if is_traced(indices) or _holds(
+      lambda i: (jnp.min(i) >= 0) & (jnp.max(i) < in_features), indices):
+    return
+  host = np.asarray(indices).astype(np.int64)
+  row, slot = np.argwhere((host < 0) | (host >= in_features))[0]
+  raise ValueError(
+      f"{name}[{row}, {slot}] = {host[row, slot]} is out of range for "
+      f"in_features={in_features} (row {row})")
+
+
+def _repeats_per_row(indices):
+  ordered = jnp.sort(indices, axis=1)
+  return jnp.any(ordered[:, 1:] == ordered[:, :-1], axis=1)
+
+
+def check_distinct_rows(indices, name: str) -> None:
+  """Raises ``ValueError`` naming the first row that repeats an index (concrete only)."""
+  if is_traced(indices) or not _holds(lambda i: jnp.any(_repeats_per_row(i)), indices):
+    return
+  with jax.ensure_compile_time_eval():
+    row = int(jnp.argmax(_repeats_per_row(jnp.asarray(indices))))
+  values, counts = np.unique(np.asarray(indices)[row], return_counts=True)
+  raise ValueError(
+      f"{name} row {row} repeats column(s) {values[counts > 1].tolist()}; "
+      "the indices within a row must be distinct")
+
+
+def check_finite(x, name: str) -> None:
+  """Raises ``ValueError`` naming the first NaN or infinity in ``x`` (concrete only)."""
+  if is_traced(x) or _holds(lambda a: jnp.all(jnp.isfinite(a)), x):
+    return
+  host = np.asarray(x, dtype=np.float32)
+  where = tuple(int(i) for i in np.argwhere(~np.isfinite(host))[0])
+  raise ValueError(f"{name} holds a non-finite value {host[where]} at index {where}")

@@ -1,0 +1,102 @@
+"""Flax NNX modules over the functional layers.
+
+Trainable arrays are ``nnx.Param``; integer topology and boolean masks are
+their own ``nnx.Variable`` types, so ``nnx.grad`` and
+``nnx.Optimizer(model, tx, wrt=nnx.Param)`` leave them alone while
+``nnx.split``/orbax still save and restore them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.fixed_fanin import FixedFanIn
+from sparsejax.masked import MaskedLinear as _MaskedLinearFn
+
+__all__ = ["Indices", "Mask", "FixedFanInLinear", "MaskedLinear"]
+
+
+class Indices(nnx.Variable):
+  """Integer input columns of a sparse layer (its topology), not a parameter."""
+
+
+class Mask(nnx.Variable):
+  """Boolean mask of a masked layer, not a parameter."""
+
+
+def _param_or_none(array):
+  return None if array is None else nnx.Param(array)
+
+
+def _value_or_none(variable):
+  return None if variable is None else variable[...]
+
+
+class FixedFanInLinear(nnx.Module):
+  """Fixed fan-in sparse linear layer: every output reads ``fan_in`` inputs.
+
+  Arguments:
+    in_features, out_features: the dense shape ``(in, out)``.
+    fan_in: ``K``, inputs per output.
+    use_bias: add a zero-initialised ``(out,)`` bias.
+    dtype: float dtype of the values and bias.
+    index_dtype: integer dtype of the indices (default uint16 when
+      ``in <= 65536``, else int32).
+    rngs: draws the topology and values from ``rngs.params()``.
+
+  Attributes:
+    values: ``nnx.Param`` of shape ``(out, K)``.
+    indices: ``Indices`` of shape ``(out, K)``.
+    bias: ``nnx.Param`` of shape ``(out,)`` or ``None``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, fan_in: int, *,
+               use_bias: bool = True, dtype=jnp.float32, index_dtype=None, rngs: nnx.Rngs):
+    layer = FixedFanIn.init(rngs.params(), in_features, out_features, fan_in, dtype=dtype,
+                            index_dtype=index_dtype, bias=use_bias)
+    self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
+    self.values = nnx.Param(layer.values)
+    self.indices = Indices(layer.indices)
+    self.bias = _param_or_none(layer.bias)
+
+  def as_fixed_fanin(self) -> FixedFanIn:
+    """The current state as a functional ``FixedFanIn`` pytree (no copy, no validation)."""
+    return FixedFanIn._unchecked(self.values[...], self.indices[...],
+                                 _value_or_none(self.bias), self.in_features)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``(..., in) -> (..., out)``."""
+    return self.as_fixed_fanin()(x)
+
+
+class MaskedLinear(nnx.Module):
+  """Dense linear layer times a static random mask with ``fan_in`` inputs per output.
+
+  Same arguments as ``FixedFanInLinear``; the same ``rngs`` seed gives the same
+  topology and initial values, so the two are interchangeable in experiments.
+
+  Attributes:
+    weight: ``nnx.Param`` of shape ``(in, out)``.
+    mask: ``Mask`` of shape ``(in, out)``, bool.
+    bias: ``nnx.Param`` of shape ``(out,)`` or ``None``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, fan_in: int, *,
+               use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    layer = _MaskedLinearFn.init(rngs.params(), in_features, out_features, fan_in, dtype=dtype,
+                                 bias=use_bias)
+    self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
+    self.weight = nnx.Param(layer.weight)
+    self.mask = Mask(layer.mask)
+    self.bias = _param_or_none(layer.bias)
+
+  def as_masked_linear(self) -> _MaskedLinearFn:
+    """The current state as a functional ``sparsejax.MaskedLinear`` pytree."""
+    return _MaskedLinearFn.tree_unflatten(
+        None, (self.weight[...], self.mask[...], _value_or_none(self.bias)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``(..., in) -> (..., out)``."""
+    return self.as_masked_linear()(x)
