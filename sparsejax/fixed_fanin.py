@@ -15,6 +15,7 @@ from sparsejax.fanin_matmul import fixed_fanin_matmul
 
 __all__ = ["FixedFanIn", "check_fixed_fanin", "default_index_dtype", "random_topology"]
 
+
 def default_index_dtype(in_features: int) -> jnp.dtype:
   """uint16 when every column id fits (in <= 65536), else int32."""
   return jnp.dtype(jnp.uint16) if in_features <= 2**16 else jnp.dtype(jnp.int32)
@@ -190,6 +191,8 @@ class FixedFanIn:
     Returns:
       A ``FixedFanIn`` with ``values``/``indices`` of shape ``(out, K)``.
     """
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
     topology_key, values_key = jax.random.split(key)
     indices = random_topology(topology_key, in_features, out_features, fan_in, index_dtype)
     bound = 1.0 / np.sqrt(fan_in)
@@ -271,8 +274,12 @@ def check_fixed_fanin(layer: FixedFanIn) -> None:
   garbage rather than failing. Wrap the function that calls this with
   ``jax.experimental.checkify.checkify`` and call ``err.throw()``::
 
-    err, y = checkify.checkify(jax.jit(lambda l, x: (check_fixed_fanin(l), l(x))[1]))(layer, x)
-    err.throw()   # ValueError-like JaxRuntimeError naming the first bad row
+    def forward(layer, x):
+      check_fixed_fanin(layer)
+      return layer(x)
+
+    err, y = checkify.checkify(jax.jit(forward))(layer, x)
+    err.throw()  # raises JaxRuntimeError naming the first bad row
 
   Called eagerly (outside ``jit``) it raises at once.
   """

@@ -114,8 +114,8 @@ def test_float64_check_grads_tight():
 def test_vmap_over_inputs_values_and_indices():
   layers = [sj.FixedFanIn.init(jax.random.key(i), 20, 11, 5, index_dtype=jnp.int32)
             for i in range(3)]
-  values = jnp.stack([l.values for l in layers])
-  indices = jnp.stack([l.indices for l in layers])
+  values = jnp.stack([layer.values for layer in layers])
+  indices = jnp.stack([layer.indices for layer in layers])
   x = jax.random.normal(jax.random.key(9), (3, 4, 20))
   batched = jax.vmap(sj.fixed_fanin_matmul)(x, values, indices)
   for i, layer in enumerate(layers):

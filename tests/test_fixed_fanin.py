@@ -60,7 +60,7 @@ def test_init_dtypes_shapes_and_scale():
 def test_init_same_key_same_bits():
   a = sj.FixedFanIn.init(jax.random.key(1), 50, 40, 7)
   b = sj.FixedFanIn.init(jax.random.key(1), 50, 40, 7)
-  assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_call_adds_bias_and_matches_dense():
@@ -68,7 +68,10 @@ def test_call_adds_bias_and_matches_dense():
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (20,)))
   x = jax.random.normal(jax.random.key(4), (3, 2, 30))
   assert rel_err(layer(x), dense_reference(x, layer)) < 1e-5
-  assert rel_err(jax.jit(lambda l, x: l(x))(layer, x), dense_reference(x, layer)) < 1e-5
+  assert rel_err(jax.jit(lambda layer, x: layer(x))(layer, x), dense_reference(x, layer)) < 1e-5
+  single = x[0, 0]  # no batch dimension: (in,) -> (out,)
+  assert layer(single).shape == (20,)
+  assert rel_err(layer(single), dense_reference(single, layer)) < 1e-5
 
 
 def test_from_dense_keeps_exactly_top_k_per_output():
@@ -98,7 +101,7 @@ def test_pytree_roundtrip_and_grad_wrt_float_leaves():
   rebuilt = jax.tree.unflatten(treedef, leaves)
   assert rebuilt.in_features == 12 and rebuilt.indices is leaves[1]
   x = jax.random.normal(jax.random.key(1), (4, 12))
-  grads = jax.grad(lambda l: jnp.sum(l(x) ** 2), allow_int=True)(layer)
+  grads = jax.grad(lambda layer: jnp.sum(layer(x) ** 2), allow_int=True)(layer)
   assert grads.values.shape == (7, 3) and grads.indices.dtype == jax.dtypes.float0
 
 
@@ -136,6 +139,7 @@ def test_constructor_rejects_bad_input(change, match):
     ((70_000, 4, 2), dict(index_dtype=jnp.uint16), "cannot hold column ids up to 69999"),
     ((40_000, 4, 2), dict(index_dtype=jnp.int16), "cannot hold column ids up to 39999"),
     ((8, 4, 2), dict(index_dtype=jnp.float32), "index_dtype must be an integer"),
+    ((8, 4, 2), dict(dtype=jnp.int32), "dtype must be a floating-point dtype"),
 ])
 def test_init_rejects_bad_sizes(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -177,7 +181,7 @@ def test_checkify_check_names_row(value, match):
   layer = sj.FixedFanIn.init(jax.random.key(0), 8, 5, 3, index_dtype=jnp.int32)
   value = layer.indices[3, 0] if value is None else value
   bad = _corrupt(layer, 3, 1, value)
-  checked = checkify.checkify(jax.jit(lambda l, x: (sj.check_fixed_fanin(l), l(x))[1]))
+  checked = checkify.checkify(jax.jit(lambda layer, x: (sj.check_fixed_fanin(layer), layer(x))[1]))
   err, _ = checked(layer, jnp.ones((2, 8)))
   assert err.get() is None
   err, _ = checked(bad, jnp.ones((2, 8)))

@@ -5,7 +5,6 @@ Nothing is allocated: the step is only lowered and compiled from shapes.
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 import sparsejax as sj
 
