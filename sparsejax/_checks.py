@@ -40,18 +40,31 @@ def check_int(x, name: str) -> None:
     raise ValueError(f"{name} must be an integer array, got dtype {dtype_of(x)}")
 
 
-def check_fanin_operands(x, values, indices) -> None:
-  """Static checks for ``fixed_fanin_matmul(x, values, indices)``."""
-  check_float(x, "x")
+def check_values_indices(values, indices) -> None:
+  """Static checks: float ``values`` and integer ``indices``, both of shape (out, K)."""
   check_float(values, "values")
   check_int(indices, "indices")
-  if jnp.ndim(x) < 1:
-    raise ValueError("x must have shape (..., in), got a scalar")
   if jnp.ndim(values) != 2:
     raise ValueError(f"values must have shape (out, K), got {jnp.shape(values)}")
   if jnp.shape(indices) != jnp.shape(values):
     raise ValueError(
         f"indices shape {jnp.shape(indices)} must equal values shape {jnp.shape(values)}")
+
+
+def check_bias(bias, out_features: int) -> None:
+  """A float ``(out_features,)`` bias with finite values (when concrete)."""
+  check_float(bias, "bias")
+  if jnp.shape(bias) != (out_features,):
+    raise ValueError(f"bias must have shape ({out_features},), got {jnp.shape(bias)}")
+  check_finite(bias, "bias")
+
+
+def check_fanin_operands(x, values, indices) -> None:
+  """Static checks for ``fixed_fanin_matmul(x, values, indices)``."""
+  check_float(x, "x")
+  if jnp.ndim(x) < 1:
+    raise ValueError("x must have shape (..., in), got a scalar")
+  check_values_indices(values, indices)
   fan_in, in_features = jnp.shape(values)[1], jnp.shape(x)[-1]
   if fan_in > in_features:
     raise ValueError(f"fan-in K={fan_in} exceeds the input size in={in_features}")

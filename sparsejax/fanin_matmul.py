@@ -53,7 +53,8 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array) -> j
 # Output rows are processed in chunks of about this many (row, batch) elements, so
 # the working set is O(chunk) whatever the number of outputs, and a chunk's slab of
 # the output gradient stays in cache across the K slots. 1 MiB of float32 was the
-# fastest of 2^12..2^22 on CPU (2.5x faster fwd+bwd than 2^22 at batch 256).
+# fastest of 2^12..2^22 tried on CPU; BENCHMARKS.md has the step time before and
+# after the change from 2^22 (benchmarks/fanin_memory.py).
 _CHUNK_ELEMENTS = 1 << 18
 
 

@@ -128,20 +128,11 @@ class FixedFanIn:
   """
 
   def __init__(self, values, indices, bias=None, *, in_features: int):
-    _checks.check_float(values, "values")
-    _checks.check_int(indices, "indices")
-    if jnp.ndim(values) != 2:
-      raise ValueError(f"values must have shape (out, K), got {jnp.shape(values)}")
+    _checks.check_values_indices(values, indices)
     _check_sizes(in_features, *jnp.shape(values))
-    if jnp.shape(indices) != jnp.shape(values):
-      raise ValueError(
-          f"indices shape {jnp.shape(indices)} must equal values shape {jnp.shape(values)}")
     _resolve_index_dtype(_checks.dtype_of(indices), in_features)
     if bias is not None:
-      _checks.check_float(bias, "bias")
-      if jnp.shape(bias) != jnp.shape(values)[:1]:
-        raise ValueError(f"bias must have shape ({jnp.shape(values)[0]},), got {jnp.shape(bias)}")
-      _checks.check_finite(bias, "bias")
+      _checks.check_bias(bias, jnp.shape(values)[0])
     # Value checks see the arrays as passed (they skip tracers), before asarray.
     _checks.check_index_range(indices, in_features, "indices")
     _checks.check_distinct_rows(indices, "indices")

@@ -40,13 +40,10 @@ class MaskedLinear:
     if mask.shape != weight.shape:
       raise ValueError(f"mask shape {mask.shape} must equal weight shape {weight.shape}")
     if bias is not None:
-      bias = jnp.asarray(bias)
-      _checks.check_float(bias, "bias")
-      if bias.shape != weight.shape[1:]:
-        raise ValueError(f"bias must have shape ({weight.shape[1]},), got {bias.shape}")
-      _checks.check_finite(bias, "bias")
+      _checks.check_bias(bias, weight.shape[1])
     _checks.check_finite(weight, "weight")
-    self.weight, self.mask, self.bias = weight, mask, bias
+    self.weight, self.mask = weight, mask
+    self.bias = None if bias is None else jnp.asarray(bias)
 
   def tree_flatten(self):
     return (self.weight, self.mask, self.bias), None

@@ -6,11 +6,11 @@ from absl import app, flags
 
 from experiments.fanin_demo import train
 
-_DEFAULTS = train.Config()
+# One flag per train.Config field, with the field's default.
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 for _field in dataclasses.fields(train.Config):
-  _define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
-  _define[type(getattr(_DEFAULTS, _field.name))](_field.name, getattr(_DEFAULTS, _field.name),
-                                                 f"Config.{_field.name}")
+  _default = getattr(train.Config(), _field.name)
+  _DEFINE[type(_default)](_field.name, _default, f"Config.{_field.name}")
 FLAGS = flags.FLAGS
 
 
