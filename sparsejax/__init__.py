@@ -4,13 +4,20 @@ from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import FixedFanIn, check_fixed_fanin, default_index_dtype, random_topology
 from sparsejax.masked import MaskedLinear
 from sparsejax.nm import is_nm_sparse, nm_mask
+from sparsejax.topology import (SetTopologyState, rigl_regrowth_columns, set_topology,
+                                sparse_layer_names, static_topology)
 from sparsejax import nn
+from sparsejax import supar
+from sparsejax.supar import ParamSpec, SuPar, scale_by_supar
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FixedFanIn",
     "MaskedLinear",
+    "ParamSpec",
+    "SetTopologyState",
+    "SuPar",
     "check_fixed_fanin",
     "default_index_dtype",
     "fixed_fanin_matmul",
@@ -18,4 +25,10 @@ __all__ = [
     "nm_mask",
     "nn",
     "random_topology",
+    "rigl_regrowth_columns",
+    "scale_by_supar",
+    "set_topology",
+    "sparse_layer_names",
+    "static_topology",
+    "supar",
 ]

@@ -104,7 +104,7 @@ def _scatter_to_dense(indices, row_values, in_features: int) -> jax.Array:
   return dense.at[indices.astype(jnp.int32), rows].set(row_values)
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class FixedFanIn:
   """A linear map whose every output reads exactly ``K`` of the ``in`` inputs.
 
@@ -142,6 +142,13 @@ class FixedFanIn:
     self.in_features = int(in_features)
 
   # -- pytree protocol: rebuilt without validation (leaves may be tracers or grads).
+  # Named keys give leaf paths like ``layer/values``, the same as the NNX module's.
+  def tree_flatten_with_keys(self):
+    GetAttrKey = jax.tree_util.GetAttrKey
+    children = ((GetAttrKey("values"), self.values), (GetAttrKey("indices"), self.indices),
+                (GetAttrKey("bias"), self.bias))
+    return children, self.in_features
+
   def tree_flatten(self):
     return (self.values, self.indices, self.bias), self.in_features
 
@@ -253,6 +260,10 @@ class FixedFanIn:
     check_fixed_fanin(self)
 
   def __repr__(self) -> str:
+    if not all(hasattr(leaf, "dtype") for leaf in (self.values, self.indices)):
+      # A tree.map result (e.g. of shapes, or with indices stripped) holds other leaves.
+      return f"FixedFanIn(in={self.in_features}, values={self.values!r}, " \
+             f"indices={self.indices!r}, bias={self.bias!r})"
     return (f"FixedFanIn(in={self.in_features}, out={self.out_features}, K={self.fan_in}, "
             f"values={self.values.dtype}, indices={self.indices.dtype}, "
             f"bias={self.bias is not None})")

@@ -16,7 +16,7 @@ from sparsejax.fixed_fanin import FixedFanIn
 __all__ = ["MaskedLinear"]
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class MaskedLinear:
   """``y = x @ (weight * mask) + bias`` with a fixed boolean ``mask``.
 
@@ -44,6 +44,11 @@ class MaskedLinear:
     _checks.check_finite(weight, "weight")
     self.weight, self.mask = weight, mask
     self.bias = None if bias is None else jnp.asarray(bias)
+
+  def tree_flatten_with_keys(self):
+    GetAttrKey = jax.tree_util.GetAttrKey
+    return ((GetAttrKey("weight"), self.weight), (GetAttrKey("mask"), self.mask),
+            (GetAttrKey("bias"), self.bias)), None
 
   def tree_flatten(self):
     return (self.weight, self.mask, self.bias), None

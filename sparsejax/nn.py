@@ -15,7 +15,7 @@ from flax import nnx
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.masked import MaskedLinear as _MaskedLinearFn
 
-__all__ = ["Indices", "Mask", "FixedFanInLinear", "MaskedLinear"]
+__all__ = ["Indices", "Mask", "FixedFanInLinear", "MaskedLinear", "fixed_fanin_sizes"]
 
 
 class Indices(nnx.Variable):
@@ -100,3 +100,14 @@ class MaskedLinear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``(..., in) -> (..., out)``."""
     return self.as_masked_linear()(x)
+
+
+def fixed_fanin_sizes(model: nnx.Module) -> dict[str, int]:
+  """``{name: in_features}`` of every ``FixedFanInLinear`` in ``model``.
+
+  Names are state paths joined by ``/`` (``"encoder/layers/0"``), as used by
+  ``sparsejax.set_topology(..., in_features=...)``, which needs the input size
+  that the NNX state's arrays do not record.
+  """
+  return {"/".join(map(str, path)): node.in_features
+          for path, node in nnx.iter_graph(model) if isinstance(node, FixedFanInLinear)}

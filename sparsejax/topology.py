@@ -1,0 +1,400 @@
+"""SET (and RigL) topology updates for fixed fan-in layers, as an optax wrapper.
+
+``set_topology(inner, ...)`` wraps any optax optimizer. On most steps it is the
+inner optimizer. Every ``interval`` steps up to ``end_step`` it also rewires
+each fixed fan-in layer: per row it prunes the smallest ``|w|`` (a scheduled
+fraction of the row, or every weight under a scheduled threshold) and regrows
+as many new input columns, at random (SET) or by the largest dense gradient
+(RigL). Rows keep exactly ``K`` distinct columns.
+
+How the new topology reaches the parameters: the returned updates hold, for
+each layer, ``values`` updates that set the rewired slots to exactly zero and
+``indices`` updates that are integer deltas (in the indices' own dtype, so the
+modular sum is exact). ``optax.apply_updates`` therefore applies a whole step,
+for a plain pytree and for ``nnx.Optimizer`` alike. The gradients passed in
+must mirror the params, indices included; differentiate with ``allow_int=True``
+(their ``float0`` gradients are ignored)::
+
+  grads = jax.grad(loss, allow_int=True)(params)               # plain pytree
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+
+  wrt = (nnx.Param, sparsejax.nn.Indices)                       # Flax NNX
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, wrt), allow_int=True)(model, batch)
+  optimizer.update(model, grads)
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sparsejax import _tree
+from sparsejax.fanin_matmul import _over_row_chunks
+
+__all__ = ["SetTopologyState", "set_topology", "static_topology", "rigl_regrowth_columns",
+           "sparse_layer_names"]
+
+sparse_layer_names = _tree.sparse_layer_names
+
+# RigL scores (rows, in) dense-gradient blocks; rows per block keep a block near 16 MiB.
+_RIGL_BLOCK_ELEMENTS = 1 << 22
+
+
+class SetTopologyState(NamedTuple):
+  """State of ``set_topology``.
+
+  Attributes:
+    count: number of updates applied so far (int32 scalar).
+    inner_state: state of the wrapped optimizer, over the params without indices.
+  """
+  count: jax.Array
+  inner_state: optax.OptState
+
+
+def _as_schedule(value, end_step: int, name: str) -> Callable[[jax.Array], jax.Array] | None:
+  """A constant becomes ``value * (1 + cos(pi t / end_step)) / 2``; a callable is kept."""
+  if value is None or callable(value):
+    return value
+  if not isinstance(value, numbers.Real) or value < 0:
+    raise ValueError(f"{name} must be a non-negative number or a schedule, got {value!r}")
+  return optax.cosine_decay_schedule(float(value), max(end_step, 1))
+
+
+def set_topology(
+    inner: optax.GradientTransformation,
+    *,
+    key: jax.Array,
+    interval: int,
+    end_step: int,
+    prune_fraction: float | optax.Schedule | None = 0.3,
+    prune_threshold: float | optax.Schedule | None = None,
+    regrowth: str = "random",
+    in_features: dict[str, int] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` with SET/RigL rewiring of every fixed fan-in layer.
+
+  Fixed fan-in layers are found in the params as ``FixedFanIn`` nodes or as
+  mappings with ``values`` and ``indices`` entries (``nnx.State`` of
+  ``sparsejax.nn.FixedFanInLinear``). Every other leaf is left to ``inner``.
+
+  On update ``t = 1, 2, ...`` with ``t % interval == 0`` and ``t <= end_step``,
+  after ``inner`` has computed the step, for each row of each layer:
+
+  1. prune: the ``floor(f_t * K)`` smallest ``|w|`` of the row (fraction mode),
+     or every ``|w| < h_t`` (threshold mode), where ``w`` are the weights this
+     step would produce; ties prune the lower slot first;
+  2. regrow as many columns not among the row's kept columns (a just-pruned
+     column may come back, as a new zero weight): uniformly at random
+     (``"random"``, SET) or the largest ``|x^T g|`` of the dense gradient
+     (``"rigl"``, which needs ``layer_io``);
+  3. the rewired slots get weight 0, and every leaf of the inner optimizer's
+     state whose path ends with that layer's ``values`` path and has its shape
+     (Adam ``mu``/``nu``, momentum traces, per-parameter schedules, ...) gets
+     0 there. Untouched slots are bit-identical to the plain inner step.
+
+  Arguments:
+    inner: any optax transformation for the weights (e.g. ``optax.adamw``).
+    key: PRNG key for the random regrowth; update ``t`` uses
+      ``fold_in(key, t)``, so the same key gives the same topology.
+    interval: rewire every ``interval`` updates.
+    end_step: last update that may rewire (the SPEC suggests ~2/3 of training).
+    prune_fraction: ``f_0`` or a schedule ``t -> f_t``. A number is
+      cosine-decayed, ``f_t = f_0 (1 + cos(pi t / end_step)) / 2``.
+    prune_threshold: ``h_0`` or a schedule, cosine-decayed the same way. Give
+      it with ``prune_fraction=None`` to prune by magnitude threshold instead.
+    regrowth: ``"random"`` (SET) or ``"rigl"``.
+    in_features: ``{layer name: in}`` for layers stored as plain mappings (NNX
+      state), whose input size the arrays do not record;
+      ``sparsejax.nn.fixed_fanin_sizes(model)`` builds it. ``FixedFanIn``
+      nodes carry their own.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
+    With RigL, pass ``layer_io={name: (x, g)}`` on rewiring steps (it is
+    needed on every step under ``jit``): for each layer, named as by
+    ``sparse_layer_names(params)``, its input ``x`` of shape ``(..., in)`` and
+    the loss gradient ``g`` w.r.t. its output, ``(..., out)``. Other extra
+    arguments go to ``inner``.
+  """
+  if not isinstance(interval, numbers.Integral) or interval < 1:
+    raise ValueError(f"interval must be a positive integer, got {interval!r}")
+  if not isinstance(end_step, numbers.Integral) or end_step < 0:
+    raise ValueError(f"end_step must be a non-negative integer, got {end_step!r}")
+  if (prune_fraction is None) == (prune_threshold is None):
+    raise ValueError("give exactly one of prune_fraction and prune_threshold "
+                     "(prune_threshold needs prune_fraction=None)")
+  if isinstance(prune_fraction, numbers.Real) and not 0 <= prune_fraction <= 1:
+    raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
+  if regrowth not in ("random", "rigl"):
+    raise ValueError(f"regrowth must be 'random' or 'rigl', got {regrowth!r}")
+  fraction = _as_schedule(prune_fraction, end_step, "prune_fraction")
+  threshold = _as_schedule(prune_threshold, end_step, "prune_threshold")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return SetTopologyState(count=jnp.zeros((), jnp.int32),
+                            inner_state=inner.init(_strip_indices(*_tree.flatten_layers(params))))
+
+  def update_fn(updates, state, params=None, *, layer_io=None, **extra_args):
+    leaves, grad_leaves, treedef = _flatten_params_and_grads(params, updates, "set_topology")
+    inner_updates, inner_state = inner.update(
+        _strip_indices(grad_leaves, treedef), state.inner_state,
+        _strip_indices(leaves, treedef), **extra_args)
+    update_leaves = treedef.flatten_up_to(inner_updates)
+
+    layers = _tree.sparse_layers(params)
+    names = [_tree.path_name(path) for path, _ in layers]
+    positions = [i for i, leaf in enumerate(leaves) if _tree.is_sparse_layer(leaf)]
+    old_indices = [_tree.field(leaves[i], "indices") for i in positions]
+    # Pruning ranks the weights this step would produce.
+    stepped = [_tree.field(leaves[i], "values") + _tree.field(update_leaves[i], "values")
+               for i in positions]
+    if regrowth == "rigl":
+      io = _check_layer_io(layer_io, layers, names)
+    else:
+      sizes = [_in_features(layer, name, in_features) for (_, layer), name in zip(layers, names)]
+    step = state.count + 1
+
+    def rewire(stepped):
+      step_key = jax.random.fold_in(key, step)
+      new_indices, pruned_slots = [], []
+      for n, (indices, w) in enumerate(zip(old_indices, stepped)):
+        if fraction is not None:
+          pruned = prune_smallest(w, fraction(step))
+        else:
+          pruned = jnp.abs(w.astype(jnp.float32)) < threshold(step)
+        if regrowth == "random":
+          new = regrow_random(jax.random.fold_in(step_key, n), indices, pruned, sizes[n])
+        else:
+          new = rigl_regrowth_columns(indices, pruned, *io[n])
+        new_indices.append(new.astype(indices.dtype))
+        pruned_slots.append(pruned)
+      return new_indices, pruned_slots
+
+    def keep(stepped):
+      return old_indices, [jnp.zeros(w.shape, bool) for w in stepped]
+
+    rewire_now = (step % interval == 0) & (step <= end_step)
+    new_indices, pruned_slots = lax.cond(rewire_now, rewire, keep, stepped)
+
+    out_leaves, resets = list(update_leaves), {}
+    for i, (path, layer), indices, new, pruned in zip(
+        positions, layers, old_indices, new_indices, pruned_slots):
+      value_update = _tree.field(update_leaves[i], "values")
+      values = _tree.field(layer, "values").astype(value_update.dtype)
+      # values + (-values) is exactly 0; indices + (new - old) wraps back to new.
+      out_leaves[i] = _tree.replace_fields(
+          update_leaves[i], values=jnp.where(pruned, -values, value_update),
+          indices=new - indices)
+      resets[(*path, _tree.values_key(layer))] = pruned
+    inner_state = _zero_moments(inner_state, resets)
+    return treedef.unflatten(out_leaves), SetTopologyState(step, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def static_topology(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Runs ``inner`` on params whose fixed fan-in layers keep their topology.
+
+  ``inner`` sees the params and gradients with every sparse layer's
+  ``indices`` removed (so any optax optimizer works on a pytree holding
+  ``FixedFanIn`` layers); the returned updates add zero to the indices. Use it
+  where ``set_topology`` would be, without rewiring. Gradients come from
+  ``jax.grad(..., allow_int=True)`` as there.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(_strip_indices(*_tree.flatten_layers(params)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    leaves, grad_leaves, treedef = _flatten_params_and_grads(params, updates, "static_topology")
+    inner_updates, state = inner.update(_strip_indices(grad_leaves, treedef), state,
+                                        _strip_indices(leaves, treedef), **extra_args)
+    out = [_tree.replace_fields(new, indices=jnp.zeros_like(_tree.field(old, "indices")))
+           if _tree.is_sparse_layer(old) else new
+           for old, new in zip(leaves, treedef.flatten_up_to(inner_updates))]
+    return treedef.unflatten(out), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _flatten_params_and_grads(params, grads, caller: str):
+  """Flattens both with sparse layers whole, checking that the gradients mirror the params."""
+  if params is None:
+    raise ValueError(f"{caller} needs params: call update(grads, state, params)")
+  leaves, treedef = _tree.flatten_layers(params)
+  grad_leaves, grad_treedef = _tree.flatten_layers(grads)
+  if grad_treedef != treedef:
+    raise ValueError(
+        f"{caller}: the gradients must have the structure of the params, including each "
+        "sparse layer's indices; differentiate with allow_int=True (and, for NNX, "
+        "argnums=nnx.DiffState(0, wrt) with the optimizer's wrt).\n"
+        f"params: {treedef}\ngradients: {grad_treedef}")
+  return leaves, grad_leaves, treedef
+
+
+def prune_smallest(w: jax.Array, fraction: jax.Array) -> jax.Array:
+  """Marks the ``floor(fraction * K)`` smallest ``|w|`` of each row of ``(out, K)`` ``w``.
+
+  Ties prune the lower slot first. Returns a bool ``(out, K)`` mask.
+  """
+  magnitude = jnp.abs(w.astype(jnp.float32))
+  count = jnp.floor(jnp.asarray(fraction, jnp.float32) * w.shape[1]).astype(jnp.int32)
+  order = jnp.argsort(magnitude, axis=1, stable=True)
+  rank = jnp.argsort(order, axis=1, stable=True)
+  return rank < count
+
+
+def regrow_random(key: jax.Array, indices: jax.Array, pruned: jax.Array,
+                  in_features: int) -> jax.Array:
+  """New columns for the pruned slots: uniform, distinct, not among the kept ones.
+
+  Arguments:
+    key: PRNG key.
+    indices: ``(out, K)`` current columns.
+    pruned: ``(out, K)`` bool, the slots to refill.
+    in_features: number of input columns.
+
+  Returns:
+    ``(out, K)`` int32 columns: kept slots unchanged, each row distinct. Work
+    and memory are ``O(out * K)`` when ``2 K <= in`` (redraw collisions until
+    none is left, as in ``random_topology``), else one ``(out, in)`` draw.
+  """
+  out, fan_in = indices.shape
+  indices = indices.astype(jnp.int32)
+  if 2 * fan_in > in_features:
+    rows = jnp.arange(out)[:, None]
+    scores = jax.random.uniform(key, (out, in_features))
+    kept = jnp.where(pruned, scores[rows, indices], jnp.inf)
+    scores = scores.at[rows, indices].set(kept)  # kept columns sort last
+    return _fill_pruned(indices, pruned, jnp.argsort(scores, axis=1)[:, :fan_in])
+
+  slots = jnp.broadcast_to(jnp.arange(fan_in), (out, fan_in))
+
+  def draw(step):
+    return jax.random.randint(jax.random.fold_in(key, step), (out, fan_in), 0, in_features)
+
+  def collisions(cols):
+    # Sorted by (column, pruned), a repeat is always a pruned slot: kept ones are distinct.
+    cols_sorted, _, slot_sorted = lax.sort((cols, pruned.astype(jnp.int32), slots),
+                                           dimension=1, num_keys=2)
+    repeat = jnp.concatenate(
+        [jnp.zeros((out, 1), bool), cols_sorted[:, 1:] == cols_sorted[:, :-1]], axis=1)
+    return jnp.zeros((out, fan_in), bool).at[jnp.arange(out)[:, None], slot_sorted].set(repeat)
+
+  def redraw(state):
+    step, cols, bad = state
+    cols = jnp.where(bad, draw(step), cols)
+    return step + 1, cols, collisions(cols)
+
+  cols = jnp.where(pruned, draw(0), indices)
+  _, cols, _ = lax.while_loop(lambda state: jnp.any(state[2]), redraw,
+                              (1, cols, collisions(cols)))
+  return cols
+
+
+def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
+                          g: jax.Array) -> jax.Array:
+  """RigL: refill pruned slots with the largest ``|dense gradient|`` columns of their row.
+
+  The dense gradient of the loss w.r.t. the full ``(in, out)`` weight is
+  ``x^T g``. It is formed in blocks of output rows, so no ``(in, out)`` array
+  exists; within a row the kept columns are excluded and the j-th pruned slot
+  (in slot order) gets the j-th largest remaining score.
+
+  Arguments:
+    indices: ``(out, K)`` current columns.
+    pruned: ``(out, K)`` bool, the slots to refill.
+    x: the layer's input, ``(..., in)``.
+    g: the loss gradient w.r.t. the layer's output, ``(..., out)``.
+
+  Returns:
+    ``(out, K)`` int32 columns.
+  """
+  out, fan_in = indices.shape
+  in_features = x.shape[-1]
+  xt = x.reshape(-1, in_features).T.astype(jnp.float32)
+  g = g.reshape(-1, out).astype(jnp.float32)
+  indices = indices.astype(jnp.int32)
+  block = max(1, min(out, _RIGL_BLOCK_ELEMENTS // in_features))
+
+  def refill_block(start, size, cols):
+    idx = lax.dynamic_slice_in_dim(indices, start, size)
+    pr = lax.dynamic_slice_in_dim(pruned, start, size)
+    rows = jnp.arange(size)[:, None]
+    score = jnp.abs(xt @ lax.dynamic_slice_in_dim(g, start, size, axis=1)).T  # (size, in)
+    score = score.at[rows, idx].set(jnp.where(pr, score[rows, idx], -jnp.inf))
+    _, candidates = lax.top_k(score, fan_in)
+    return lax.dynamic_update_slice_in_dim(cols, _fill_pruned(idx, pr, candidates), start, 0)
+
+  return _over_row_chunks(refill_block, out, block, indices)
+
+
+def _fill_pruned(indices, pruned, candidates):
+  """The j-th pruned slot of a row (in slot order) takes ``candidates[row, j]``."""
+  rank = jnp.cumsum(pruned, axis=1) - 1
+  chosen = jnp.take_along_axis(candidates, jnp.maximum(rank, 0), axis=1)
+  return jnp.where(pruned, chosen.astype(jnp.int32), indices)
+
+
+def _strip_indices(leaves, treedef):
+  """The params (or grads) with every sparse layer's indices set to None."""
+  return treedef.unflatten([
+      _tree.replace_fields(leaf, indices=None) if _tree.is_sparse_layer(leaf) else leaf
+      for leaf in leaves])
+
+
+def _zero_moments(inner_state, resets):
+  """Zeros ``mask`` in each state leaf whose path ends with a values path and has its shape."""
+  by_length = {}
+  for path, mask in resets.items():
+    by_length.setdefault(len(path), {})[path] = mask
+
+  def reset(path, leaf):
+    for length, masks in by_length.items():
+      mask = masks.get(tuple(path[-length:])) if len(path) >= length else None
+      if mask is not None and jnp.shape(leaf) == mask.shape:
+        return jnp.where(mask, jnp.zeros((), leaf.dtype), leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(reset, inner_state)
+
+
+def _in_features(layer, name, in_features):
+  if hasattr(layer, "in_features"):
+    return layer.in_features
+  if not in_features or name not in in_features:
+    raise ValueError(
+        f"set_topology: layer '{name}' holds values/indices without its input size; pass "
+        f"in_features={{'{name}': ...}} (sparsejax.nn.fixed_fanin_sizes(model) gives them "
+        "for an NNX model)")
+  return int(in_features[name])
+
+
+def _check_layer_io(layer_io, layers, names):
+  if layer_io is None:
+    raise ValueError("regrowth='rigl' needs layer_io={name: (x, g)} in update(); layers: "
+                     f"{names}")
+  io = []
+  for (_, layer), name in zip(layers, names):
+    if name not in layer_io:
+      raise ValueError(f"layer_io has no entry for sparse layer '{name}' "
+                       f"(has {sorted(layer_io)})")
+    x, g = layer_io[name]
+    out = _tree.field(layer, "values").shape[0]
+    if jnp.shape(g)[-1:] != (out,) or jnp.shape(x)[:-1] != jnp.shape(g)[:-1]:
+      raise ValueError(f"layer_io['{name}']: x {jnp.shape(x)} and g {jnp.shape(g)} must be "
+                       f"(..., in) and (..., {out}) with the same leading shape")
+    if hasattr(layer, "in_features") and jnp.shape(x)[-1] != layer.in_features:
+      raise ValueError(f"layer_io['{name}']: x has {jnp.shape(x)[-1]} features, the layer "
+                       f"reads {layer.in_features}")
+    io.append((x, g))
+  return io

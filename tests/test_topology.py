@@ -1,0 +1,303 @@
+"""SET/RigL topology updates: invariants over many steps, RigL, NNX and plain-JAX training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sparsejax as sj
+from sparsejax import topology
+
+
+def _loss(params, x, y):
+  """Mean squared error of the summed layer outputs (all layers have the same out)."""
+  pred = sum(layer(x[name]) for name, layer in params.items())
+  return jnp.mean((pred - y) ** 2)
+
+
+def _setup(in_features, out, fan_in, index_dtype=None, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  layer = sj.FixedFanIn.init(keys[0], in_features, out, fan_in, index_dtype=index_dtype)
+  layer = layer.replace(values=jax.random.normal(keys[1], layer.values.shape))
+  return layer
+
+
+@pytest.mark.parametrize("mode", ["fraction", "threshold"])
+def test_set_invariants_over_many_updates(mode):
+  # Two layers: one on the O(out K) redraw path (2K <= in), one on the dense draw
+  # (2K > in); uint16 and int32 indices.
+  params = {"a": _setup(40, 12, 6), "b": _setup(10, 12, 7, index_dtype=jnp.int32, seed=1)}
+  interval, end_step, steps = 3, 240, 300
+  inner = optax.adam(0.05)
+  schedule = dict(prune_fraction=0.5) if mode == "fraction" else dict(
+      prune_fraction=None, prune_threshold=0.4)
+  tx = sj.set_topology(inner, key=jax.random.key(7), interval=interval, end_step=end_step,
+                       **schedule)
+  state = tx.init(params)
+  traces = []
+
+  @jax.jit
+  def step(params, state, key):
+    traces.append(1)  # runs only while tracing
+    x = {name: jax.random.normal(jax.random.fold_in(key, i), (16, layer.in_features))
+         for i, (name, layer) in enumerate(params.items())}
+    grads = jax.grad(_loss, allow_int=True)(params, x, 1.0)
+    plain_updates, _ = optax.with_extra_args_support(inner).update(
+        topology._strip_indices(*sj._tree.flatten_layers(grads)), state.inner_state,
+        topology._strip_indices(*sj._tree.flatten_layers(params)))
+    updates, new_state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), new_state, plain_updates
+
+  rewired_steps = 0
+  for t in range(1, steps + 1):
+    new_params, new_state, plain = step(params, state, jax.random.key(t))
+    rewire = t % interval == 0 and t <= end_step
+    for name in params:
+      old, new = params[name], new_params[name]
+      k, n_in = old.fan_in, old.in_features
+      idx = np.asarray(new.indices).astype(np.int64)
+      # Every row keeps exactly K distinct in-range columns.
+      assert idx.shape == old.indices.shape and idx.min() >= 0 and idx.max() < n_in
+      assert all(len(set(row)) == k for row in idx.tolist())
+      stepped = np.asarray(old.values + plain[name].values)
+      pruned = np.asarray(new.values == 0) & (stepped != 0)
+      untouched = ~pruned
+      # Untouched slots are bit-identical to the plain inner step.
+      np.testing.assert_array_equal(np.asarray(new.values)[untouched], stepped[untouched])
+      np.testing.assert_array_equal(idx[untouched], np.asarray(old.indices)[untouched])
+      # Regrown values and their Adam moments are zero.
+      mu = np.asarray(new_state.inner_state[0].mu[name].values)
+      nu = np.asarray(new_state.inner_state[0].nu[name].values)
+      assert not mu[pruned].any() and not nu[pruned].any()
+      if not rewire:
+        assert not pruned.any() and np.array_equal(idx, old.indices)
+        continue
+      # Only the scheduled slots change, and they were the smallest |w| of their row.
+      if mode == "fraction":
+        frac = optax.cosine_decay_schedule(0.5, end_step)(t)
+        count = int(np.floor(np.float32(frac) * np.float32(k)))
+        assert (pruned.sum(axis=1) == count).all()
+      else:
+        thr = optax.cosine_decay_schedule(0.4, end_step)(t)
+        np.testing.assert_array_equal(pruned, np.abs(stepped) < np.float32(thr))
+      for row in range(idx.shape[0]):
+        if pruned[row].any() and (~pruned[row]).any():
+          assert np.abs(stepped[row][pruned[row]]).max() <= np.abs(stepped[row][~pruned[row]]).min()
+      rewired_steps += int(pruned.any())
+    params, state = new_params, new_state
+  assert rewired_steps > 50  # the schedule really rewired, many times
+  assert len(traces) == 1  # one compilation: the rewiring is a lax.cond, not Python
+
+
+def test_nothing_changes_after_end_step_and_same_key_same_topology():
+  params = {"a": _setup(50, 30, 8)}
+  x = jax.random.normal(jax.random.key(1), (8, 50))
+
+  def run(key, steps):
+    tx = sj.set_topology(optax.sgd(0.1), key=key, interval=2, end_step=10)
+
+    @jax.jit
+    def step(p, state):
+      grads = jax.grad(_loss, allow_int=True)(p, {"a": x}, 0.0)
+      updates, state = tx.update(grads, state, p)
+      return optax.apply_updates(p, updates), state
+
+    state, p, history = tx.init(params), params, []
+    for _ in range(steps):
+      p, state = step(p, state)
+      history.append(np.asarray(p["a"].indices))
+    return history
+
+  first, again, other = run(jax.random.key(3), 20), run(jax.random.key(3), 20), run(
+      jax.random.key(4), 20)
+  assert all(np.array_equal(a, b) for a, b in zip(first, again))
+  assert not np.array_equal(first[9], other[9])
+  assert not np.array_equal(first[1], np.asarray(params["a"].indices))  # step 2 rewired
+  assert all(np.array_equal(h, first[9]) for h in first[10:])  # end_step = 10
+
+
+def test_random_regrowth_is_uniform_over_free_columns():
+  # One row, in = 12, K = 4, prune 2: the regrown pair is uniform over the free columns
+  # (10 of them: the 8 never used plus the 2 just pruned).
+  indices = jnp.tile(jnp.array([[0, 3, 6, 9]], jnp.uint16), (30_000, 1))
+  pruned = jnp.tile(jnp.array([[True, False, True, False]]), (30_000, 1))
+  new = np.asarray(topology.regrow_random(jax.random.key(0), indices, pruned, 12))
+  assert (new[:, 1] == 3).all() and (new[:, 3] == 9).all()
+  counts = np.bincount(new[:, [0, 2]].ravel(), minlength=12)
+  assert counts[3] == counts[9] == 0
+  free = counts[[0, 1, 2, 4, 5, 6, 7, 8, 10, 11]]
+  expected = 60_000 / 10
+  assert ((free - expected) ** 2 / expected).sum() < 33  # chi2, dof 9, p < 1e-4
+
+
+def test_rigl_regrowth_matches_dense_gradient():
+  in_features, out, k, batch = 30, 17, 5, 9
+  layer = _setup(in_features, out, k, seed=3)
+  x = jax.random.normal(jax.random.key(1), (batch, in_features))
+  g = jax.random.normal(jax.random.key(2), (batch, out))
+  pruned = jax.random.bernoulli(jax.random.key(4), 0.4, (out, k))
+  new = np.asarray(topology.rigl_regrowth_columns(layer.indices, pruned, x, g))
+  dense = np.abs(np.asarray(x, np.float64).T @ np.asarray(g, np.float64))  # (in, out)
+  idx, pruned = np.asarray(layer.indices), np.asarray(pruned)
+  for u in range(out):
+    kept = set(idx[u][~pruned[u]].tolist())
+    ranked = [i for i in np.argsort(-dense[:, u], kind="stable") if i not in kept]
+    want = ranked[:pruned[u].sum()]
+    np.testing.assert_array_equal(new[u][pruned[u]], want)
+    np.testing.assert_array_equal(new[u][~pruned[u]], idx[u][~pruned[u]])
+
+
+def test_rigl_in_blocks_equals_one_block(monkeypatch):
+  layer = _setup(20, 37, 4, seed=5)
+  x = jax.random.normal(jax.random.key(1), (6, 20))
+  g = jax.random.normal(jax.random.key(2), (6, 37))
+  pruned = jax.random.bernoulli(jax.random.key(4), 0.5, (37, 4))
+  whole = topology.rigl_regrowth_columns(layer.indices, pruned, x, g)
+  monkeypatch.setattr(topology, "_RIGL_BLOCK_ELEMENTS", 20 * 5)  # blocks of 5 rows + tail
+  np.testing.assert_array_equal(topology.rigl_regrowth_columns(layer.indices, pruned, x, g),
+                                whole)
+
+
+def test_rigl_through_the_transform_and_layer_io_errors():
+  params = {"clf": _setup(24, 10, 4)}
+  x = jax.random.normal(jax.random.key(1), (8, 24))
+  tx = sj.set_topology(optax.sgd(0.01), key=jax.random.key(0), interval=1, end_step=5,
+                       regrowth="rigl")
+  state = tx.init(params)
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  g = jax.grad(lambda y: jnp.mean((y - 1.0) ** 2))(params["clf"](x))
+  updates, _ = jax.jit(tx.update)(grads, state, params, layer_io={"clf": (x, g)})
+  new = optax.apply_updates(params, updates)["clf"]
+  pruned = np.asarray(new.values == 0)
+  want = topology.rigl_regrowth_columns(params["clf"].indices, pruned, x, g)
+  np.testing.assert_array_equal(new.indices, want)
+  with pytest.raises(ValueError, match="needs layer_io"):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match="no entry for sparse layer 'clf'"):
+    tx.update(grads, state, params, layer_io={"other": (x, g)})
+  with pytest.raises(ValueError, match="must be"):
+    tx.update(grads, state, params, layer_io={"clf": (x, g[:, :3])})
+
+
+def test_argument_errors():
+  with pytest.raises(ValueError, match="interval"):
+    sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=0, end_step=5)
+  with pytest.raises(ValueError, match="exactly one"):
+    sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=1, end_step=5,
+                    prune_threshold=0.1)
+  with pytest.raises(ValueError, match="prune_fraction must be in"):
+    sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=1, end_step=5,
+                    prune_fraction=1.5)
+  with pytest.raises(ValueError, match="regrowth"):
+    sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=1, end_step=5,
+                    regrowth="grow")
+  params = {"a": _setup(10, 4, 2)}
+  tx = sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=1, end_step=5)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(params, state)
+  grads_without_indices = {"a": {"values": params["a"].values}}
+  with pytest.raises(ValueError, match="allow_int=True"):
+    tx.update(grads_without_indices, state, params)
+  mapping = {"a": {"values": params["a"].values, "indices": params["a"].indices}}
+  tx_state = tx.init(mapping)
+  with pytest.raises(ValueError, match="in_features"):
+    tx.update(jax.tree.map(jnp.zeros_like, mapping), tx_state, mapping)
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 16, rngs=rngs)
+    self.clf = sj.nn.FixedFanInLinear(16, 40, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.clf(jax.nn.relu(self.hidden(x)))
+
+
+def test_nnx_optimizer_step_rewires_and_resets_moments():
+  model = _Net(nnx.Rngs(0))
+  wrt = (nnx.Param, sj.nn.Indices)
+  tx = sj.set_topology(optax.adamw(1e-2), key=jax.random.key(1), interval=2, end_step=10,
+                       in_features=sj.nn.fixed_fanin_sizes(model))
+  assert sj.nn.fixed_fanin_sizes(model) == {"clf": 16}
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  x = jax.random.normal(jax.random.key(2), (32, 6))
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss = lambda m: jnp.mean(m(x) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, wrt), allow_int=True)(model)
+    optimizer.update(model, grads)
+
+  before = np.asarray(model.clf.indices[...])
+  train_step(model, optimizer)
+  np.testing.assert_array_equal(model.clf.indices[...], before)  # step 1: no rewiring
+  train_step(model, optimizer)
+  after = np.asarray(model.clf.indices[...])
+  changed = after != before
+  assert changed.any() and model.clf.indices[...].dtype == jnp.uint16
+  values = np.asarray(model.clf.values[...])
+  mu = np.asarray(optimizer.opt_state.inner_state[0].mu["clf"]["values"][...])
+  assert not values[changed].any() and not mu[changed].any()
+  assert all(len(set(row)) == 4 for row in after.tolist())
+
+
+def test_static_topology_trains_values_and_keeps_indices():
+  params = {"a": _setup(20, 8, 3)}
+  x = jax.random.normal(jax.random.key(1), (16, 20))
+  tx = sj.static_topology(optax.adam(1e-2))
+  state = tx.init(params)
+  grads = jax.grad(_loss, allow_int=True)(params, {"a": x}, 1.0)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)["a"]
+  np.testing.assert_array_equal(new.indices, params["a"].indices)
+  assert not np.array_equal(new.values, params["a"].values)
+
+
+def _teacher_student(use_set: bool, steps: int = 1500) -> float:
+  """Plain JAX + optax: regress a sparse teacher whose support the student lacks at first."""
+  in_features, out, k, teacher_k = 16, 16, 4, 2
+  rng = np.random.default_rng(0)
+  teacher_idx = np.stack([rng.choice(in_features, teacher_k, replace=False) for _ in range(out)])
+  teacher_w = rng.choice([-1.0, 1.0], (out, teacher_k)) * rng.uniform(1, 2, (out, teacher_k))
+  # The student starts on columns the teacher never reads in that row.
+  student_idx = np.stack([rng.choice(np.setdiff1d(np.arange(in_features), teacher_idx[u]), k,
+                                     replace=False) for u in range(out)])
+  params = {"layer": {"values": jnp.zeros((out, k)),
+                      "indices": jnp.asarray(student_idx, jnp.int32)}}
+
+  def loss(params, x):
+    layer = params["layer"]
+    pred = sj.fixed_fanin_matmul(x, layer["values"], layer["indices"])
+    target = sj.fixed_fanin_matmul(x, jnp.asarray(teacher_w, jnp.float32),
+                                   jnp.asarray(teacher_idx, jnp.int32))
+    return jnp.mean((pred - target) ** 2)
+
+  inner = optax.adam(3e-2)
+  tx = (sj.set_topology(inner, key=jax.random.key(0), interval=10, end_step=1000,
+                        prune_fraction=0.5, in_features={"layer": in_features})
+        if use_set else sj.static_topology(inner))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    x = jax.random.normal(key, (64, in_features))
+    value, grads = jax.value_and_grad(loss, allow_int=True)(params, x)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  losses = []
+  for t in range(steps):
+    params, state, value = step(params, state, jax.random.key(t))
+    losses.append(float(value))
+  return float(np.mean(losses[-50:]))
+
+
+def test_plain_jax_regression_needs_set_to_find_the_support():
+  # The target's variance is sum w^2 ~ 2 * 2.33 = 4.7 per output; without rewiring the
+  # student's columns are independent of it, so its loss cannot fall below that.
+  with_set, without = _teacher_student(True), _teacher_student(False)
+  assert without > 3.5, without
+  assert with_set < 0.1, with_set
