@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The top-level kernels/ folder ships as the sub-package sparsejax.kernels.
-    packages=["sparsejax", "sparsejax.kernels"],
+    packages=["sparsejax", "sparsejax.data", "sparsejax.kernels"],
     package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels"},
     install_requires=[
         "jax>=0.10",

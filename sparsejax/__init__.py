@@ -2,7 +2,9 @@
 
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import FixedFanIn, check_fixed_fanin, default_index_dtype, random_topology
+from sparsejax.grad_prune import prune_grad, prune_weight_grad
 from sparsejax.masked import MaskedLinear
+from sparsejax.mvue import nm_prune
 from sparsejax.nm import is_nm_sparse, nm_mask
 from sparsejax.topology import (SetTopologyState, rigl_regrowth_columns, set_topology,
                                 sparse_layer_names, static_topology)
@@ -23,7 +25,10 @@ __all__ = [
     "fixed_fanin_matmul",
     "is_nm_sparse",
     "nm_mask",
+    "nm_prune",
     "nn",
+    "prune_grad",
+    "prune_weight_grad",
     "random_topology",
     "rigl_regrowth_columns",
     "scale_by_supar",
