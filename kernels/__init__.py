@@ -1,5 +1,5 @@
-"""Pallas/Triton GPU kernels for sparsejax, installed as ``sparsejax.kernels``.
+"""Pallas kernels, installed as ``sparsejax.kernels``.
 
-It holds no kernel yet: every op runs on the pure-XLA path in ``sparsejax``,
-which is the reference the kernels will be checked against.
+``fanin``: the fixed fan-in forward, dvalues and dx kernels, used by
+``sparsejax.fixed_fanin_matmul(..., impl="pallas" | "interpret")``.
 """

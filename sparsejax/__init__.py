@@ -1,6 +1,6 @@
 """sparsejax: sparse training in JAX whose memory scales with the non-zeros."""
 
-from sparsejax.fanin_matmul import fixed_fanin_matmul
+from sparsejax.fanin_matmul import fixed_fanin_matmul, resolve_impl
 from sparsejax.fixed_fanin import FixedFanIn, check_fixed_fanin, default_index_dtype, random_topology
 from sparsejax.grad_prune import prune_grad, prune_weight_grad
 from sparsejax.masked import MaskedLinear
@@ -30,6 +30,7 @@ __all__ = [
     "prune_grad",
     "prune_weight_grad",
     "random_topology",
+    "resolve_impl",
     "rigl_regrowth_columns",
     "scale_by_supar",
     "set_topology",

@@ -13,17 +13,39 @@ intermediate is one (out, B) slab, never (B, out, K).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from sparsejax import _checks
+from sparsejax.kernels import fanin as _kernels
 
-__all__ = ["fixed_fanin_matmul"]
+__all__ = ["fixed_fanin_matmul", "resolve_impl", "IMPLS"]
+
+IMPLS = ("auto", "xla", "pallas", "interpret")
+_ENV = "SPARSEJAX_KERNELS"
 
 
-def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array) -> jax.Array:
+def resolve_impl(impl: str | None = None) -> str:
+  """Which path runs: ``"xla"``, ``"pallas"`` (compiled kernels) or ``"interpret"``.
+
+  ``impl=None`` reads the environment variable ``SPARSEJAX_KERNELS`` (default
+  ``"auto"``). ``"auto"`` picks the Pallas kernels on GPU and XLA elsewhere.
+  """
+  impl = os.environ.get(_ENV, "auto") if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f"impl (or ${_ENV}) must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return impl
+
+
+def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
+                       impl: str | None = None) -> jax.Array:
   """Multiplies ``x`` by a fixed fan-in sparse matrix.
 
   Arguments:
@@ -43,11 +65,42 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array) -> j
   range is checked too; under ``jit`` indices are trusted, since an
   out-of-range gather is not detectable there (use
   ``sparsejax.check_fixed_fanin`` with ``jax.experimental.checkify``).
+
+  ``impl`` chooses the implementation: ``"xla"`` (this module, any backend),
+  ``"pallas"`` (the kernels of ``sparsejax.kernels.fanin``, GPU),
+  ``"interpret"`` (the same kernels in Pallas interpret mode, any backend,
+  slow: for tests), or ``"auto"``/``None`` (see ``resolve_impl``; the
+  environment variable ``SPARSEJAX_KERNELS`` overrides the default).
   """
   _checks.check_fanin_operands(x, values, indices)
   # Checked before asarray, which inside jit would stage a concrete numpy constant.
   _checks.check_index_range(indices, jnp.shape(x)[-1], "indices")
-  return _matmul(jnp.asarray(x), jnp.asarray(values), jnp.asarray(indices))
+  x, values, indices = jnp.asarray(x), jnp.asarray(values), jnp.asarray(indices)
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return _matmul(x, values, indices)
+  y = _kernel_matmul(x.reshape(-1, x.shape[-1]), values, indices, impl == "interpret")
+  return y.reshape(*x.shape[:-1], values.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_matmul(x, values, indices, interpret):
+  return _kernels.fanin_forward(x, values, indices, interpret=interpret)
+
+
+def _kernel_matmul_fwd(x, values, indices, interpret):
+  return _kernel_matmul(x, values, indices, interpret), (x, values, indices)
+
+
+def _kernel_matmul_bwd(interpret, residuals, g):
+  x, values, indices = residuals
+  dvalues = _kernels.fanin_dvalues(x, g, indices, values_dtype=values.dtype, interpret=interpret)
+  dx = _kernels.fanin_dx(g, values, indices, in_features=x.shape[1], interpret=interpret)
+  dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
+  return dx.astype(x.dtype), dvalues, dindices
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
 # Output rows are processed in chunks of about this many (row, batch) elements, so

@@ -1,0 +1,247 @@
+"""Checks, then times, the fixed fan-in kernels on whatever device JAX finds.
+
+For batch 256, in 768 and each (out, K), one fwd+bwd step (y, dvalues, dx) of:
+
+* ``xla``: the pure-XLA gather path (``impl="xla"``);
+* ``pallas``: the Pallas kernels (GPU only; interpret mode is far too slow at
+  these sizes, so CPU runs say so and skip it);
+* ``dense f32`` / ``dense bf16``: ``x @ W`` with a dense (in, out) weight, fwd+bwd;
+* ``bcoo``: ``jax.experimental.sparse`` BCOO with the same non-zeros, fwd+bwd.
+
+Each sparse path is first checked against a float64 reference on a slice of
+the rows. Timing: warm-up, then the median of ``--repeats`` calls with
+``block_until_ready``, rotating between two input sets so caches do not
+flatter. The device-to-device copy bandwidth is measured in the same run;
+for each case the table gives the bytes a fwd+bwd step must move (each input
+read once, each output written once), the achieved GB/s, the fraction of the
+copy bandwidth and the time ratio to dense bf16. The table goes to stdout and
+to its section of ``BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.experimental import sparse as jsparse
+
+import sparsejax as sj
+
+START_MARKER = "<!-- kernels:start -->"
+END_MARKER = "<!-- kernels:end -->"
+
+
+@dataclasses.dataclass
+class Row:
+  out: int
+  fan_in: int
+  path: str
+  ms: float | None
+  bytes_moved: int
+  note: str = ""
+
+
+def _time(fn, inputs, repeats: int) -> float:
+  """Median seconds of ``fn(*inputs[i % len(inputs)])`` after one warm-up per input set."""
+  for args in inputs:
+    jax.block_until_ready(fn(*args))
+  seconds = []
+  for i in range(repeats):
+    args = inputs[i % len(inputs)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
+def copy_bandwidth(repeats: int) -> float:
+  """Device-to-device copy GB/s (bytes read + written) of a 1 GiB (CPU: 256 MiB) buffer."""
+  size = (1 << 28 if jax.default_backend() != "cpu" else 1 << 26)
+  buffers = [jax.random.normal(jax.random.key(i), (size,), jnp.float32) for i in range(2)]
+  copy = jax.jit(lambda a: a + 0.0)  # one read, one write
+  seconds = _time(copy, [(b,) for b in buffers], repeats)
+  return 2 * size * 4 / seconds / 1e9
+
+
+def _sparse_step(impl):
+  def loss(x, values, indices):
+    return jnp.sum(sj.fixed_fanin_matmul(x, values, indices, impl=impl) ** 2) * 0.5
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _dense_step(dtype):
+  def loss(x, w):
+    return jnp.sum((x.astype(dtype) @ w.astype(dtype)).astype(jnp.float32) ** 2) * 0.5
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _bcoo_step(x, matrix):
+  def loss(x, data):
+    w = jsparse.BCOO((data, matrix.indices), shape=matrix.shape)
+    return jnp.sum((x @ w) ** 2) * 0.5
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _check(step, x, values, indices, rows: int) -> float:
+  """Relative error of (dx, dvalues) against float64 on the first ``rows`` outputs."""
+  sub_values, sub_indices = values[:rows], indices[:rows]
+  dx, dvalues = step(x, sub_values, sub_indices)
+  x64 = np.asarray(x, np.float64)
+  idx = np.asarray(sub_indices).astype(np.int64)
+  w = np.zeros((x.shape[1], rows))
+  np.add.at(w, (idx, np.arange(rows)[:, None]), np.asarray(sub_values, np.float64))
+  y = x64 @ w  # loss 0.5 |y|^2: g = y
+  want_dx, want_dv = y @ w.T, (x64.T @ y)[idx, np.arange(rows)[:, None]]
+  err = max(np.linalg.norm(np.asarray(dx, np.float64) - want_dx) / np.linalg.norm(want_dx),
+            np.linalg.norm(np.asarray(dvalues, np.float64) - want_dv) / np.linalg.norm(want_dv))
+  if not np.isfinite(err) or err > 1e-4:
+    raise AssertionError(f"check failed: relative error {err}")
+  return err
+
+
+def check_ragged(impl: str) -> None:
+  """``impl`` against XLA (values and both gradients) at sizes that are not block multiples."""
+  for in_features, out, fan_in, batch in ((30, 21, 3, 19), (16, 40, 16, 70), (8, 33, 1, 1),
+                                          (768, 1000, 64, 100)):
+    layer = sj.FixedFanIn.init(jax.random.key(out), in_features, out, fan_in)
+    x = jax.random.normal(jax.random.key(batch), (batch, in_features))
+    got, want = (_sparse_step(i)(x, layer.values, layer.indices) for i in (impl, "xla"))
+    for a, b in zip(got, want):
+      err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+      if not err < 1e-4:
+        raise AssertionError(f"{impl} vs xla at {(in_features, out, fan_in, batch)}: {err}")
+  print(f"ragged-size check of {impl} against xla: passed")
+
+
+def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_bytes: float):
+  backend = jax.default_backend()
+  if backend == "gpu":
+    check_ragged("pallas")
+  rows = []
+  for out in outs:
+    dense_ms = {}
+    w_bytes = in_features * out
+    for dtype, name in ((jnp.float32, "dense f32"), (jnp.bfloat16, "dense bf16")):
+      size = w_bytes * jnp.dtype(dtype).itemsize
+      moved = 3 * size + 3 * batch * out * 4 + 4 * batch * in_features * 4  # w r, dw w, +x/g/y
+      if 2 * size > max_dense_bytes:
+        rows.append(Row(out, 0, name, None, moved, "skipped: dense weight too large here"))
+        continue
+      inputs = [(jax.random.normal(jax.random.key(i), (batch, in_features)),
+                 jax.random.normal(jax.random.key(10 + i), (in_features, out), dtype))
+                for i in range(2)]
+      seconds = _time(_dense_step(dtype), inputs, repeats)
+      dense_ms[name] = seconds * 1e3
+      rows.append(Row(out, 0, name, seconds * 1e3, moved))
+      del inputs
+    for fan_in in fan_ins:
+      layers = [sj.FixedFanIn.init(jax.random.key(i), in_features, out, fan_in) for i in range(2)]
+      xs = [jax.random.normal(jax.random.key(20 + i), (batch, in_features)) for i in range(2)]
+      nnz = out * fan_in
+      # values r + dvalues w (4 B each), indices read twice (fwd, bwd: 2 B each), x, g, y, dx.
+      moved = nnz * (4 + 4 + 2 * 2 + 4) + 2 * batch * out * 4 + 3 * batch * in_features * 4
+      paths = ["xla"] + (["pallas"] if backend == "gpu" else [])
+      for impl in paths:
+        step = _sparse_step(impl)
+        err = _check(step, xs[0], layers[0].values, layers[0].indices, min(out, 4096))
+        seconds = _time(step, [(x, lay.values, lay.indices) for x, lay in zip(xs, layers)],
+                        repeats)
+        rows.append(Row(out, fan_in, impl, seconds * 1e3, moved, f"check rel err {err:.1e}"))
+      if backend == "cpu" and "pallas" not in paths:
+        rows.append(Row(out, fan_in, "pallas", None, moved, "not run: no GPU (interpret mode "
+                        "is a correctness tool, tested in tests/test_kernels_fanin.py)"))
+      if out * fan_in <= 64 * 131072:  # BCOO's index array is 16 B/nnz: keep it small
+        matrix = jsparse.BCOO.fromdense(layers[0].to_dense())
+        step = _bcoo_step(xs[0], matrix)
+        seconds = _time(step, [(x, matrix.data) for x in xs], repeats)
+        rows.append(Row(out, fan_in, "bcoo", seconds * 1e3, moved + nnz * 8))
+      del layers
+  return rows
+
+
+def format_table(rows, bandwidth: float) -> str:
+  dense = {(r.out): r.ms for r in rows if r.path == "dense bf16"}
+  lines = ["| out | K | path | ms / fwd+bwd | MB moved | GB/s | of copy BW | vs dense bf16 | note |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    if r.ms is None:
+      lines.append(f"| {r.out:,} | {r.fan_in or '-'} | {r.path} | - | {r.bytes_moved / 1e6:,.0f} "
+                   f"| - | - | - | {r.note} |")
+      continue
+    gbs = r.bytes_moved / (r.ms / 1e3) / 1e9
+    ratio = "-" if dense.get(r.out) is None else f"{r.ms / dense[r.out]:.2f}x"
+    lines.append(f"| {r.out:,} | {r.fan_in or '-'} | {r.path} | {r.ms:,.2f} | "
+                 f"{r.bytes_moved / 1e6:,.0f} | {gbs:,.0f} | {gbs / bandwidth:.0%} | {ratio} | "
+                 f"{r.note} |")
+  return "\n".join(lines)
+
+
+def render_section(rows, bandwidth: float, command: str) -> str:
+  device = jax.devices()[0]
+  versions = f"Python {sys.version.split()[0]}, jax {jax.__version__}"
+  try:
+    import triton
+    versions += f", triton {triton.__version__}"
+  except ImportError:
+    pass
+  return "\n".join([
+      "## Fixed fan-in kernels: fwd+bwd time and bandwidth", "",
+      f"- Command: `{command}`",
+      f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+      f"- Device: {device.device_kind} ({jax.default_backend()}); {platform.platform()}",
+      f"- Versions: {versions}",
+      f"- Measured copy bandwidth: {bandwidth:,.0f} GB/s (read + write)",
+      "- One step = y, dvalues and dx for loss 0.5 |y|^2; batch 256, in 768, float32 "
+      "values, uint16 indices. MB moved counts each input read once and each output "
+      "written once.", "",
+      format_table(rows, bandwidth), ""])
+
+
+def write_section(path: pathlib.Path, section: str) -> None:
+  text = path.read_text() if path.exists() else "# Benchmarks\n"
+  block = f"{START_MARKER}\n{section}{END_MARKER}"
+  if START_MARKER in text:
+    before, rest = text.split(START_MARKER, 1)
+    text = before + block + rest.split(END_MARKER, 1)[1]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  path.write_text(text)
+
+
+def define_flags():
+  flags.DEFINE_list("outs", ["131072", "670091", "3000000"], "output sizes")
+  flags.DEFINE_list("fan_ins", ["32", "64", "128"], "fan-ins K")
+  flags.DEFINE_integer("batch", 256, "batch size")
+  flags.DEFINE_integer("in_features", 768, "input size")
+  flags.DEFINE_integer("repeats", 20, "timed repeats (median)")
+  flags.DEFINE_float("max_dense_gib", 8.0, "skip dense weights larger than this")
+  flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
+                      "file whose kernels section is rewritten ('' to skip)")
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  bandwidth = copy_bandwidth(FLAGS.repeats)
+  rows = run([int(o) for o in FLAGS.outs], [int(k) for k in FLAGS.fan_ins], FLAGS.batch,
+             FLAGS.in_features, FLAGS.repeats, FLAGS.max_dense_gib * 2**30)
+  section = render_section(rows, bandwidth, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+  print(section)
+  if FLAGS.output:
+    write_section(pathlib.Path(FLAGS.output), section)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,196 @@
+"""Pallas kernels for the fixed fan-in matmul ``y = x @ W``, W stored as (values, indices).
+
+Layout: the kernels read ``x^T`` (in, B), so the gather for slot ``k`` of a
+block of output rows reads whole batch vectors ``x^T[indices[u, k], b-block]``
+(contiguous), as the reference CUDA kernels do. Grids tile output rows (and
+the batch); every slot loop accumulates in float32.
+
+* ``fanin_forward``: ``y[b, u] = sum_k x[b, idx[u, k]] w[u, k]``.
+* ``fanin_dvalues``: ``dW[u, k] = sum_b x[b, idx[u, k]] g[b, u]`` (gather,
+  multiply, reduce over the batch).
+* ``fanin_dx``: ``dx[b, i] = sum_{idx[u, k] = i} g[b, u] w[u, k]``, a
+  scatter-add: per output row and slot, one atomic add of a batch vector into
+  a zeroed float32 ``dx^T``.
+
+Each takes ``interpret=True`` to run in Pallas interpret mode (any backend,
+used by the CPU test suite). Compiled, they go through the Pallas Triton
+lowering, built for jax 0.11 (see the README's GPU notes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["fanin_forward", "fanin_dvalues", "fanin_dx", "BLOCK_ROWS", "BLOCK_BATCH"]
+
+BLOCK_ROWS = 32  # output rows per program
+BLOCK_BATCH = 64  # batch columns per program (forward, dx) or per inner step (dvalues)
+
+
+def _blocks(out: int, batch: int, block_rows: int, block_batch: int):
+  """Power-of-2 block sizes (the Triton lowering needs them) no larger than needed."""
+  return min(block_rows, pl.next_power_of_2(out)), min(block_batch, pl.next_power_of_2(batch))
+
+
+def _pad_rows(a, multiple: int):
+  """Zero-pads axis 0 to a multiple (a no-op, without a copy, when it already is one)."""
+  extra = -a.shape[0] % multiple
+  return a if not extra else jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+
+
+def _slot_offsets(block_rows: int, out: int, fan_in: int):
+  """Offsets of slot 0 of this program's rows in the flat (out * K,) topology arrays.
+
+  Rows past ``out`` (the ragged last block) read row 0 instead; their results are
+  never stored. The topology is passed flat because the Triton lowering needs
+  power-of-2 shapes and K need not be one.
+  """
+  rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+  valid = rows < out
+  return jnp.where(valid, rows, 0) * fan_in, valid
+
+
+def _flat_spec(size: int, grid_rank: int):
+  """The whole flat array as one block, for every program."""
+  return pl.BlockSpec((size,), (lambda i: (0,)) if grid_rank == 1 else (lambda i, j: (0,)))
+
+
+def _forward_kernel(xt_ref, values_ref, indices_ref, y_ref, *, out: int, fan_in: int):
+  block_rows = y_ref.shape[1]
+  base, valid = _slot_offsets(block_rows, out, fan_in)
+
+  def add_slot(k, acc):
+    idx = indices_ref[base + k].astype(jnp.int32)
+    weight = values_ref[base + k].astype(jnp.float32)
+    return acc + xt_ref[idx, :].astype(jnp.float32) * weight[:, None]
+
+  acc = jnp.zeros((block_rows, xt_ref.shape[1]), jnp.float32)
+  acc = jax.lax.fori_loop(0, fan_in, add_slot, acc)
+  # Masked: the Triton lowering does not clip a ragged last block's store, and its
+  # columns past ``out`` would land on the next batch row.
+  plgpu.store(y_ref, acc.T.astype(y_ref.dtype),
+              mask=jnp.broadcast_to(valid[None, :], (y_ref.shape[0], block_rows)))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_rows", "block_batch"))
+def fanin_forward(x, values, indices, *, interpret: bool = False, block_rows: int = BLOCK_ROWS,
+                  block_batch: int = BLOCK_BATCH):
+  """``(B, in) x (out, K) -> (B, out)`` in ``result_type(x, values)``, float32 accumulation."""
+  batch, in_features = x.shape
+  out, fan_in = values.shape
+  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  x = _pad_rows(x, cols)
+  kernel = functools.partial(_forward_kernel, out=out, fan_in=fan_in)
+  y = pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(out, rows), x.shape[0] // cols),
+      in_specs=[pl.BlockSpec((in_features, cols), lambda i, j: (0, j)),
+                _flat_spec(out * fan_in, 2), _flat_spec(out * fan_in, 2)],
+      out_specs=pl.BlockSpec((cols, rows), lambda i, j: (j, i)),
+      out_shape=jax.ShapeDtypeStruct((x.shape[0], out), jnp.result_type(x, values)),
+      interpret=interpret,
+  )(x.T, values.reshape(-1), indices.reshape(-1))
+  return y[:batch]
+
+
+def _dvalues_kernel(xt_ref, g_ref, indices_ref, dvalues_ref, *, out: int, fan_in: int,
+                    block_batch: int):
+  block_rows = g_ref.shape[1]
+  base, valid = _slot_offsets(block_rows, out, fan_in)
+  # Rows past ``out`` write to a scratch tail past out * K (sliced off by the caller).
+  store_base = jnp.where(valid, base, out * fan_in + jnp.arange(block_rows) * fan_in)
+  batch_blocks = xt_ref.shape[1] // block_batch
+
+  def slot(k, carry):
+    idx = indices_ref[base + k].astype(jnp.int32)
+
+    def add_batch_block(j, total):
+      cols = pl.ds(pl.multiple_of(j * block_batch, block_batch), block_batch)
+      gt = g_ref[cols, :].T.astype(jnp.float32)  # (rows, batch block)
+      return total + jnp.sum(xt_ref[idx, cols].astype(jnp.float32) * gt, axis=1)
+
+    total = jax.lax.fori_loop(0, batch_blocks, add_batch_block,
+                              jnp.zeros((block_rows,), jnp.float32))
+    dvalues_ref[store_base + k] = total.astype(dvalues_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, fan_in, slot, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("values_dtype", "interpret", "block_rows",
+                                             "block_batch"))
+def fanin_dvalues(x, g, indices, *, values_dtype, interpret: bool = False,
+                  block_rows: int = BLOCK_ROWS, block_batch: int = BLOCK_BATCH):
+  """``dW`` of shape ``indices.shape`` from ``x`` (B, in) and ``g`` (B, out).
+
+  A program owns a block of rows and loops over the slots and the batch blocks.
+  """
+  batch, in_features = x.shape
+  out, fan_in = indices.shape
+  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  x, g = _pad_rows(x, cols), _pad_rows(g, cols)  # zero rows of g add nothing
+  kernel = functools.partial(_dvalues_kernel, out=out, fan_in=fan_in, block_batch=cols)
+  size = (out + rows) * fan_in  # a scratch tail for the ragged block's spare rows
+  flat = pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(out, rows),),
+      in_specs=[pl.BlockSpec((in_features, x.shape[0]), lambda i: (0, 0)),
+                pl.BlockSpec((x.shape[0], rows), lambda i: (0, i)),
+                _flat_spec(out * fan_in, 1)],
+      out_specs=_flat_spec(size, 1),
+      out_shape=jax.ShapeDtypeStruct((size,), values_dtype),
+      interpret=interpret,
+  )(x.T, g, indices.reshape(-1))
+  return flat[:out * fan_in].reshape(out, fan_in)
+
+
+def _dx_kernel(gt_ref, values_ref, indices_ref, zeros_ref, dxt_ref, *, out: int, fan_in: int):
+  del zeros_ref  # aliased with dxt_ref: the accumulator starts at zero
+  block_rows = gt_ref.shape[0]
+  first_row = pl.program_id(0) * block_rows
+
+  # One output row at a time: each atomic add is one batch vector at a scalar
+  # column, so colliding columns within a block accumulate (also in interpret mode).
+  def row(r, carry):
+    g_row = gt_ref[r, :].astype(jnp.float32)
+
+    def slot(k, carry):
+      offset = (first_row + r) * fan_in + k
+      idx = indices_ref[offset].astype(jnp.int32)
+      plgpu.atomic_add(dxt_ref, (idx, slice(None)),
+                       g_row * values_ref[offset].astype(jnp.float32))
+      return carry
+
+    return jax.lax.fori_loop(0, fan_in, slot, carry)
+
+  jax.lax.fori_loop(0, jnp.minimum(block_rows, out - first_row), row, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("in_features", "interpret", "block_rows",
+                                                 "block_batch"))
+def fanin_dx(g, values, indices, *, in_features: int, interpret: bool = False,
+             block_rows: int = BLOCK_ROWS, block_batch: int = BLOCK_BATCH):
+  """``dx`` (B, in), float32, by atomic scatter-adds of ``g[:, u] * w[u, k]`` into ``dx^T``."""
+  batch, out = g.shape
+  fan_in = values.shape[1]
+  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  g = _pad_rows(g, cols)
+  kernel = functools.partial(_dx_kernel, out=out, fan_in=fan_in)
+  zeros = jnp.zeros((in_features, g.shape[0]), jnp.float32)
+  dxt = pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(out, rows), g.shape[0] // cols),
+      in_specs=[pl.BlockSpec((rows, cols), lambda i, j: (i, j)),
+                _flat_spec(out * fan_in, 2), _flat_spec(out * fan_in, 2),
+                pl.BlockSpec((in_features, cols), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((in_features, cols), lambda i, j: (0, j)),
+      out_shape=jax.ShapeDtypeStruct((in_features, g.shape[0]), jnp.float32),
+      input_output_aliases={3: 0},
+      interpret=interpret,
+  )(g.T, values.reshape(-1), indices.reshape(-1), zeros)
+  return dxt.T[:batch]
