@@ -124,7 +124,52 @@ def check_ragged(impl: str) -> None:
   print(f"ragged-size check of {impl} against xla: passed")
 
 
-def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_bytes: float):
+def sweep(out: int, fan_in: int, batch: int, in_features: int, repeats: int) -> str:
+  """Times each kernel alone over launch settings; returns a markdown table, fastest first."""
+  from sparsejax.kernels import fanin
+  layers = [sj.FixedFanIn.init(jax.random.key(i), in_features, out, fan_in) for i in range(2)]
+  xs = [jax.random.normal(jax.random.key(20 + i), (batch, in_features)) for i in range(2)]
+  gs = [jax.random.normal(jax.random.key(30 + i), (batch, out)) for i in range(2)]
+  T = fanin.Tuning
+  cases = []
+  for rows, cols in ((16, 128), (32, 64), (64, 64), (128, 32)):
+    for warps in (4, 8):
+      for stages in (2, 3):
+        cases.append(("forward", T(rows, cols, warps, stages), None))
+  for rows, cols in ((16, 64), (32, 64), (64, 32)):
+    for warps in (4, 8):
+      cases.append(("dvalues", T(rows, cols, warps, 2), None))
+  for variant in ("rows", "tile"):
+    for rows, cols in ((16, 64), (32, 64), (64, 32), (64, 64)):
+      for warps in (4, 8):
+        cases.append(("dx", T(rows, cols, warps, 2), variant))
+  results = []
+  for kernel, tuning, variant in cases:
+    if kernel == "forward":
+      fn = jax.jit(lambda x, v, i, g, t=tuning: fanin.fanin_forward(x, v, i, tuning=t))
+    elif kernel == "dvalues":
+      fn = jax.jit(lambda x, v, i, g, t=tuning: fanin.fanin_dvalues(
+          x, g, i, values_dtype=v.dtype, tuning=t))
+    else:
+      fn = jax.jit(lambda x, v, i, g, t=tuning, var=variant: fanin.fanin_dx(
+          g, v, i, in_features=x.shape[1], tuning=t, variant=var))
+    try:
+      seconds = _time(fn, [(x, lay.values, lay.indices, g) for x, lay, g in zip(xs, layers, gs)],
+                      repeats)
+      results.append((kernel, variant or "", tuning, seconds * 1e3, ""))
+    except Exception as error:  # a launch setting the compiler rejects: report, go on
+      results.append((kernel, variant or "", tuning, float("inf"), type(error).__name__))
+  lines = [f"Kernel launch settings at out {out:,}, K {fan_in}, batch {batch}, in {in_features}:",
+           "", "| kernel | variant | rows | batch block | warps | stages | ms |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  for kernel, variant, t, ms, err in sorted(results, key=lambda r: (r[0], r[3])):
+    lines.append(f"| {kernel} | {variant} | {t.block_rows} | {t.block_batch} | {t.num_warps} | "
+                 f"{t.num_stages} | {ms:.2f}{' ' + err if err else ''} |")
+  return "\n".join(lines)
+
+
+def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_bytes: float,
+        xla_max_out: int):
   backend = jax.default_backend()
   if backend == "gpu":
     check_ragged("pallas")
@@ -151,7 +196,7 @@ def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_byt
       nnz = out * fan_in
       # values r + dvalues w (4 B each), indices read twice (fwd, bwd: 2 B each), x, g, y, dx.
       moved = nnz * (4 + 4 + 2 * 2 + 4) + 2 * batch * out * 4 + 3 * batch * in_features * 4
-      paths = ["xla"] + (["pallas"] if backend == "gpu" else [])
+      paths = (["xla"] if out <= xla_max_out else []) + (["pallas"] if backend == "gpu" else [])
       for impl in paths:
         step = _sparse_step(impl)
         err = _check(step, xs[0], layers[0].values, layers[0].indices, min(out, 4096))
@@ -226,6 +271,8 @@ def define_flags():
   flags.DEFINE_integer("in_features", 768, "input size")
   flags.DEFINE_integer("repeats", 20, "timed repeats (median)")
   flags.DEFINE_float("max_dense_gib", 8.0, "skip dense weights larger than this")
+  flags.DEFINE_integer("xla_max_out", 670091, "time the (slow) XLA path only up to this out")
+  flags.DEFINE_bool("sweep", False, "time each kernel over launch settings (GPU) and exit")
   flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                       "file whose kernels section is rewritten ('' to skip)")
 
@@ -233,9 +280,13 @@ def define_flags():
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
+  if FLAGS.sweep:
+    print(sweep(int(FLAGS.outs[0]), int(FLAGS.fan_ins[0]), FLAGS.batch, FLAGS.in_features,
+                FLAGS.repeats))
+    return
   bandwidth = copy_bandwidth(FLAGS.repeats)
   rows = run([int(o) for o in FLAGS.outs], [int(k) for k in FLAGS.fan_ins], FLAGS.batch,
-             FLAGS.in_features, FLAGS.repeats, FLAGS.max_dense_gib * 2**30)
+             FLAGS.in_features, FLAGS.repeats, FLAGS.max_dense_gib * 2**30, FLAGS.xla_max_out)
   section = render_section(rows, bandwidth, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
   print(section)
   if FLAGS.output:

@@ -20,16 +20,42 @@ lowering, built for jax 0.11 (see the README's GPU notes).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["fanin_forward", "fanin_dvalues", "fanin_dx", "BLOCK_ROWS", "BLOCK_BATCH"]
+__all__ = ["Tuning", "fanin_forward", "fanin_dvalues", "fanin_dx", "FORWARD_TUNING",
+           "DVALUES_TUNING", "DX_TUNING", "DX_VARIANT"]
 
-BLOCK_ROWS = 32  # output rows per program
-BLOCK_BATCH = 64  # batch columns per program (forward, dx) or per inner step (dvalues)
+class Tuning(NamedTuple):
+  """Launch settings of a kernel (static; interpret mode uses only the block sizes).
+
+  Attributes:
+    block_rows: output rows per program (a power of 2).
+    block_batch: batch columns per program or per inner step (a power of 2).
+    num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+  """
+  block_rows: int = 32
+  block_batch: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+# Default launch settings per kernel: the fastest of the sweep on an H100 at out 670k,
+# K 64, batch 256 (``python benchmarks/kernels.py --sweep``, table in BENCHMARKS.md).
+FORWARD_TUNING = Tuning(block_rows=16, block_batch=128, num_warps=4, num_stages=3)
+DVALUES_TUNING = Tuning(block_rows=32, block_batch=64, num_warps=4, num_stages=2)
+DX_TUNING = Tuning(block_rows=64, block_batch=32, num_warps=8, num_stages=2)
+DX_VARIANT = "tile"
+
+
+def _compiler_params(tuning: Tuning):
+  return plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+
+
 
 
 def _blocks(out: int, batch: int, block_rows: int, block_batch: int):
@@ -77,13 +103,13 @@ def _forward_kernel(xt_ref, values_ref, indices_ref, y_ref, *, out: int, fan_in:
               mask=jnp.broadcast_to(valid[None, :], (y_ref.shape[0], block_rows)))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_rows", "block_batch"))
-def fanin_forward(x, values, indices, *, interpret: bool = False, block_rows: int = BLOCK_ROWS,
-                  block_batch: int = BLOCK_BATCH):
+@functools.partial(jax.jit, static_argnames=("interpret", "tuning"))
+def fanin_forward(x, values, indices, *, interpret: bool = False,
+                  tuning: Tuning = FORWARD_TUNING):
   """``(B, in) x (out, K) -> (B, out)`` in ``result_type(x, values)``, float32 accumulation."""
   batch, in_features = x.shape
   out, fan_in = values.shape
-  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  rows, cols = _blocks(out, batch, tuning.block_rows, tuning.block_batch)
   x = _pad_rows(x, cols)
   kernel = functools.partial(_forward_kernel, out=out, fan_in=fan_in)
   y = pl.pallas_call(
@@ -93,6 +119,7 @@ def fanin_forward(x, values, indices, *, interpret: bool = False, block_rows: in
                 _flat_spec(out * fan_in, 2), _flat_spec(out * fan_in, 2)],
       out_specs=pl.BlockSpec((cols, rows), lambda i, j: (j, i)),
       out_shape=jax.ShapeDtypeStruct((x.shape[0], out), jnp.result_type(x, values)),
+      compiler_params=_compiler_params(tuning),
       interpret=interpret,
   )(x.T, values.reshape(-1), indices.reshape(-1))
   return y[:batch]
@@ -104,35 +131,35 @@ def _dvalues_kernel(xt_ref, g_ref, indices_ref, dvalues_ref, *, out: int, fan_in
   base, valid = _slot_offsets(block_rows, out, fan_in)
   # Rows past ``out`` write to a scratch tail past out * K (sliced off by the caller).
   store_base = jnp.where(valid, base, out * fan_in + jnp.arange(block_rows) * fan_in)
-  batch_blocks = xt_ref.shape[1] // block_batch
 
-  def slot(k, carry):
-    idx = indices_ref[base + k].astype(jnp.int32)
+  # Batch blocks outside, slots inside: each g tile is read once, and the float32
+  # partial sums of the slots accumulate in the output.
+  def batch_block(j, carry):
+    cols = pl.ds(pl.multiple_of(j * block_batch, block_batch), block_batch)
+    gt = g_ref[cols, :].T.astype(jnp.float32)  # (rows, batch block)
 
-    def add_batch_block(j, total):
-      cols = pl.ds(pl.multiple_of(j * block_batch, block_batch), block_batch)
-      gt = g_ref[cols, :].T.astype(jnp.float32)  # (rows, batch block)
-      return total + jnp.sum(xt_ref[idx, cols].astype(jnp.float32) * gt, axis=1)
+    def slot(k, carry):
+      idx = indices_ref[base + k].astype(jnp.int32)
+      part = jnp.sum(xt_ref[idx, cols].astype(jnp.float32) * gt, axis=1)
+      before = jnp.where(j == 0, 0.0, dvalues_ref[store_base + k])
+      dvalues_ref[store_base + k] = before + part
+      return carry
 
-    total = jax.lax.fori_loop(0, batch_blocks, add_batch_block,
-                              jnp.zeros((block_rows,), jnp.float32))
-    dvalues_ref[store_base + k] = total.astype(dvalues_ref.dtype)
-    return carry
+    return jax.lax.fori_loop(0, fan_in, slot, carry)
 
-  jax.lax.fori_loop(0, fan_in, slot, 0)
+  jax.lax.fori_loop(0, xt_ref.shape[1] // block_batch, batch_block, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("values_dtype", "interpret", "block_rows",
-                                             "block_batch"))
+@functools.partial(jax.jit, static_argnames=("values_dtype", "interpret", "tuning"))
 def fanin_dvalues(x, g, indices, *, values_dtype, interpret: bool = False,
-                  block_rows: int = BLOCK_ROWS, block_batch: int = BLOCK_BATCH):
+                  tuning: Tuning = DVALUES_TUNING):
   """``dW`` of shape ``indices.shape`` from ``x`` (B, in) and ``g`` (B, out).
 
-  A program owns a block of rows and loops over the slots and the batch blocks.
+  A program owns a block of rows; it loops over batch blocks and, inside, slots.
   """
   batch, in_features = x.shape
   out, fan_in = indices.shape
-  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  rows, cols = _blocks(out, batch, tuning.block_rows, tuning.block_batch)
   x, g = _pad_rows(x, cols), _pad_rows(g, cols)  # zero rows of g add nothing
   kernel = functools.partial(_dvalues_kernel, out=out, fan_in=fan_in, block_batch=cols)
   size = (out + rows) * fan_in  # a scratch tail for the ragged block's spare rows
@@ -143,13 +170,15 @@ def fanin_dvalues(x, g, indices, *, values_dtype, interpret: bool = False,
                 pl.BlockSpec((x.shape[0], rows), lambda i: (0, i)),
                 _flat_spec(out * fan_in, 1)],
       out_specs=_flat_spec(size, 1),
-      out_shape=jax.ShapeDtypeStruct((size,), values_dtype),
+      out_shape=jax.ShapeDtypeStruct((size,), jnp.float32),
+      compiler_params=_compiler_params(tuning),
       interpret=interpret,
   )(x.T, g, indices.reshape(-1))
-  return flat[:out * fan_in].reshape(out, fan_in)
+  return flat[:out * fan_in].reshape(out, fan_in).astype(values_dtype)
 
 
-def _dx_kernel(gt_ref, values_ref, indices_ref, zeros_ref, dxt_ref, *, out: int, fan_in: int):
+def _dx_rows_kernel(gt_ref, values_ref, indices_ref, zeros_ref, dxt_ref, *, out: int,
+                    fan_in: int):
   del zeros_ref  # aliased with dxt_ref: the accumulator starts at zero
   block_rows = gt_ref.shape[0]
   first_row = pl.program_id(0) * block_rows
@@ -171,16 +200,46 @@ def _dx_kernel(gt_ref, values_ref, indices_ref, zeros_ref, dxt_ref, *, out: int,
   jax.lax.fori_loop(0, jnp.minimum(block_rows, out - first_row), row, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("in_features", "interpret", "block_rows",
-                                                 "block_batch"))
+def _dx_tile_kernel(gt_ref, values_ref, indices_ref, zeros_ref, dxt_ref, *, out: int,
+                    fan_in: int):
+  del zeros_ref
+  block_rows, block_batch = gt_ref.shape
+  base, valid = _slot_offsets(block_rows, out, fan_in)
+  # A ragged block's spare rows hold padding (NaN in interpret mode): zero them.
+  gt = jnp.where(valid[:, None], gt_ref[...].astype(jnp.float32), 0.0)
+  cols = jnp.arange(block_batch)[None, :]
+
+  # One (rows, batch block) atomic add per slot. On a GPU, colliding columns within
+  # the tile accumulate in hardware; Pallas interpret mode would keep only one of
+  # them, so there this variant is exact only for collision-free tiles.
+  def slot(k, carry):
+    idx = indices_ref[base + k].astype(jnp.int32)
+    weight = values_ref[base + k].astype(jnp.float32)
+    plgpu.atomic_add(dxt_ref, (idx[:, None], cols), gt * weight[:, None])
+    return carry
+
+  jax.lax.fori_loop(0, fan_in, slot, 0)
+
+
+_DX_KERNELS = {"rows": _dx_rows_kernel, "tile": _dx_tile_kernel}
+
+
+@functools.partial(jax.jit, static_argnames=("in_features", "interpret", "tuning", "variant"))
 def fanin_dx(g, values, indices, *, in_features: int, interpret: bool = False,
-             block_rows: int = BLOCK_ROWS, block_batch: int = BLOCK_BATCH):
-  """``dx`` (B, in), float32, by atomic scatter-adds of ``g[:, u] * w[u, k]`` into ``dx^T``."""
+             tuning: Tuning = DX_TUNING, variant: str = DX_VARIANT):
+  """``dx`` (B, in), float32, by atomic scatter-adds of ``g[:, u] * w[u, k]`` into ``dx^T``.
+
+  ``variant="rows"`` adds one batch vector per (row, slot), exact everywhere;
+  ``"tile"`` adds a whole (rows, batch) tile per slot, exact on GPU (see
+  ``_dx_tile_kernel``).
+  """
+  if variant not in _DX_KERNELS:
+    raise ValueError(f"variant must be one of {sorted(_DX_KERNELS)}, got {variant!r}")
   batch, out = g.shape
   fan_in = values.shape[1]
-  rows, cols = _blocks(out, batch, block_rows, block_batch)
+  rows, cols = _blocks(out, batch, tuning.block_rows, tuning.block_batch)
   g = _pad_rows(g, cols)
-  kernel = functools.partial(_dx_kernel, out=out, fan_in=fan_in)
+  kernel = functools.partial(_DX_KERNELS[variant], out=out, fan_in=fan_in)
   zeros = jnp.zeros((in_features, g.shape[0]), jnp.float32)
   dxt = pl.pallas_call(
       kernel,
@@ -191,6 +250,7 @@ def fanin_dx(g, values, indices, *, in_features: int, interpret: bool = False,
       out_specs=pl.BlockSpec((in_features, cols), lambda i, j: (0, j)),
       out_shape=jax.ShapeDtypeStruct((in_features, g.shape[0]), jnp.float32),
       input_output_aliases={3: 0},
+      compiler_params=_compiler_params(tuning),
       interpret=interpret,
   )(g.T, values.reshape(-1), indices.reshape(-1), zeros)
   return dxt.T[:batch]

@@ -19,6 +19,9 @@ _ENTROPY = np.random.SeedSequence().entropy  # fresh inputs every run; printed o
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 _INTERPRET = os.environ.get("SPARSEJAX_TEST_COMPILED") != "1"
 _IMPL = "interpret" if _INTERPRET else "pallas"
+_SMALL = fanin.Tuning(block_rows=8, block_batch=16)  # several blocks at test sizes
+# The per-row dx is exact in interpret mode; compiled, check the GPU default (tile).
+_DX_VARIANT = "rows" if _INTERPRET else fanin.DX_VARIANT
 
 
 def _case(in_features, out, fan_in, batch, dtype, index_dtype, collide=False):
@@ -62,10 +65,11 @@ _CASES = [
 def test_kernels_match_float64_reference(in_features, out, fan_in, batch, dtype):
   index_dtype = jnp.int32 if in_features > 65536 else jnp.uint16
   x, values, indices, g = _case(in_features, out, fan_in, batch, dtype, index_dtype)
-  blocks = dict(interpret=_INTERPRET, block_rows=8, block_batch=16)
+  blocks = dict(interpret=_INTERPRET, tuning=_SMALL)
   y = fanin.fanin_forward(x, values, indices, **blocks)
   dvalues = fanin.fanin_dvalues(x, g, indices, values_dtype=values.dtype, **blocks)
-  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, **blocks)
+  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, variant=_DX_VARIANT,
+                      **blocks)
   y_ref, dvalues_ref, dx_ref = _reference(x, values, indices, g)
   tol = _TOL[dtype]
   assert y.dtype == dtype and y.shape == (batch, out)
@@ -76,14 +80,38 @@ def test_kernels_match_float64_reference(in_features, out, fan_in, batch, dtype)
   assert max(errors.values()) < tol, (errors, "entropy", _ENTROPY)
 
 
-def test_dx_with_heavily_colliding_indices():
+@pytest.mark.parametrize("variant", ["rows"] if _INTERPRET else ["rows", "tile"])
+def test_dx_with_heavily_colliding_indices(variant):
   # 200 rows all read columns 0..3: every atomic add of a block lands on 4 columns.
   x, values, indices, g = _case(16, 200, 4, 24, jnp.float32, jnp.uint16, collide=True)
-  dx = fanin.fanin_dx(g, values, indices, in_features=16, interpret=_INTERPRET, block_rows=8,
-                      block_batch=16)
+  dx = fanin.fanin_dx(g, values, indices, in_features=16, interpret=_INTERPRET, tuning=_SMALL,
+                      variant=variant)
   _, _, dx_ref = _reference(x, values, indices, g)
   assert _rel(dx, dx_ref) < 1e-5, _ENTROPY
   assert not np.any(np.asarray(dx)[:, 4:])  # untouched columns stay exactly zero
+
+
+def test_tile_dx_on_collision_free_tiles():
+  # Row u reads columns (u * K + k) mod in: within a tile of 8 rows a slot never repeats
+  # a column, the one case interpret mode can check the tile variant on.
+  in_features, out, fan_in, batch = 64, 37, 3, 20
+  rng = np.random.default_rng([_ENTROPY, 7])
+  indices = jnp.asarray((np.arange(out)[:, None] * fan_in + np.arange(fan_in)) % in_features,
+                        jnp.uint16)
+  values = jnp.asarray(rng.standard_normal((out, fan_in)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((batch, in_features)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((batch, out)), jnp.float32)
+  y_ref, dvalues_ref, dx_ref = _reference(x, values, indices, g)
+  tuning = _SMALL
+  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, interpret=_INTERPRET,
+                      tuning=tuning, variant="tile")
+  y = fanin.fanin_forward(x, values, indices, interpret=_INTERPRET, tuning=tuning)
+  dvalues = fanin.fanin_dvalues(x, g, indices, values_dtype=jnp.float32, interpret=_INTERPRET,
+                                tuning=tuning)
+  for got, want in ((dx, dx_ref), (y, y_ref), (dvalues, dvalues_ref)):
+    assert _rel(got, want) < 1e-5, _ENTROPY
+  with pytest.raises(ValueError, match="variant"):
+    fanin.fanin_dx(g, values, indices, in_features=in_features, interpret=True, variant="csc")
 
 
 def test_interpret_mode_poisons_unwritten_outputs():
