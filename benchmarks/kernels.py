@@ -139,31 +139,36 @@ def sweep(out: int, fan_in: int, batch: int, in_features: int, repeats: int) -> 
   for rows, cols in ((16, 64), (32, 64), (64, 32)):
     for warps in (4, 8):
       cases.append(("dvalues", T(rows, cols, warps, 2), None))
-  for variant in ("rows", "tile"):
-    for rows, cols in ((16, 64), (32, 64), (64, 32), (64, 64)):
+  for chunk in (64, 128, 256):
+    for cols in (64, 128, 256):
       for warps in (4, 8):
-        cases.append(("dx", T(rows, cols, warps, 2), variant))
+        cases.append(("dx_sorted", T(32, cols, warps, 2), chunk))
+  cases.append(("sort_topology", T(), None))
+  orders = [fanin.sort_topology(lay.indices, in_features) for lay in layers]
   results = []
-  for kernel, tuning, variant in cases:
+  for kernel, tuning, chunk in cases:
     if kernel == "forward":
       fn = jax.jit(lambda x, v, i, g, t=tuning: fanin.fanin_forward(x, v, i, tuning=t))
     elif kernel == "dvalues":
       fn = jax.jit(lambda x, v, i, g, t=tuning: fanin.fanin_dvalues(
           x, g, i, values_dtype=v.dtype, tuning=t))
-    else:
-      fn = jax.jit(lambda x, v, i, g, t=tuning, var=variant: fanin.fanin_dx(
-          g, v, i, in_features=x.shape[1], tuning=t, variant=var))
+    elif kernel == "sort_topology":
+      fn = jax.jit(lambda x, v, i, g: fanin.sort_topology(i, x.shape[1]))
+    else:  # dx from the cached column-sorted topology
+      fn = jax.jit(lambda x, v, i, g, t=tuning, c=chunk: fanin.fanin_dx_sorted(
+          g, v, *i, tuning=t, chunk=c))
     try:
-      seconds = _time(fn, [(x, lay.values, lay.indices, g) for x, lay, g in zip(xs, layers, gs)],
-                      repeats)
-      results.append((kernel, variant or "", tuning, seconds * 1e3, ""))
+      topologies = orders if kernel == "dx_sorted" else [lay.indices for lay in layers]
+      seconds = _time(fn, [(x, lay.values, top, g)
+                           for x, lay, top, g in zip(xs, layers, topologies, gs)], repeats)
+      results.append((kernel, chunk or "", tuning, seconds * 1e3, ""))
     except Exception as error:  # a launch setting the compiler rejects: report, go on
-      results.append((kernel, variant or "", tuning, float("inf"), type(error).__name__))
+      results.append((kernel, chunk or "", tuning, float("inf"), type(error).__name__))
   lines = [f"Kernel launch settings at out {out:,}, K {fan_in}, batch {batch}, in {in_features}:",
-           "", "| kernel | variant | rows | batch block | warps | stages | ms |",
+           "", "| kernel | chunk | rows | batch block | warps | stages | ms |",
            "|---|---|---:|---:|---:|---:|---:|"]
-  for kernel, variant, t, ms, err in sorted(results, key=lambda r: (r[0], r[3])):
-    lines.append(f"| {kernel} | {variant} | {t.block_rows} | {t.block_batch} | {t.num_warps} | "
+  for kernel, chunk, t, ms, err in sorted(results, key=lambda r: (r[0], r[3])):
+    lines.append(f"| {kernel} | {chunk} | {t.block_rows} | {t.block_batch} | {t.num_warps} | "
                  f"{t.num_stages} | {ms:.2f}{' ' + err if err else ''} |")
   return "\n".join(lines)
 

@@ -95,11 +95,7 @@ def _kernel_matmul_fwd(x, values, indices, interpret):
 def _kernel_matmul_bwd(interpret, residuals, g):
   x, values, indices = residuals
   dvalues = _kernels.fanin_dvalues(x, g, indices, values_dtype=values.dtype, interpret=interpret)
-  # The tile variant relies on hardware atomics for colliding columns; interpret
-  # mode would drop them, so it runs the per-row variant.
-  variant = "rows" if interpret else _kernels.DX_VARIANT
-  dx = _kernels.fanin_dx(g, values, indices, in_features=x.shape[1], interpret=interpret,
-                         variant=variant)
+  dx = _kernels.fanin_dx(g, values, indices, in_features=x.shape[1], interpret=interpret)
   dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
   return dx.astype(x.dtype), dvalues, dindices
 

@@ -20,13 +20,11 @@ _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 _INTERPRET = os.environ.get("SPARSEJAX_TEST_COMPILED") != "1"
 _IMPL = "interpret" if _INTERPRET else "pallas"
 _SMALL = fanin.Tuning(block_rows=8, block_batch=16)  # several blocks at test sizes
-# The per-row dx is exact in interpret mode; compiled, check the GPU default (tile).
-_DX_VARIANT = "rows" if _INTERPRET else fanin.DX_VARIANT
 
 
 def _case(in_features, out, fan_in, batch, dtype, index_dtype, collide=False):
   rng = np.random.default_rng([_ENTROPY, in_features, out, fan_in, batch])
-  if collide:  # every row reads the same few columns: dx sees many atomic collisions
+  if collide:  # every row reads the same few columns: long column runs for dx
     cols = np.tile(np.arange(fan_in), (out, 1))
   else:
     cols = np.argsort(rng.random((out, in_features)), axis=1)[:, :fan_in]
@@ -68,8 +66,7 @@ def test_kernels_match_float64_reference(in_features, out, fan_in, batch, dtype)
   blocks = dict(interpret=_INTERPRET, tuning=_SMALL)
   y = fanin.fanin_forward(x, values, indices, **blocks)
   dvalues = fanin.fanin_dvalues(x, g, indices, values_dtype=values.dtype, **blocks)
-  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, variant=_DX_VARIANT,
-                      **blocks)
+  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, chunk=8, **blocks)
   y_ref, dvalues_ref, dx_ref = _reference(x, values, indices, g)
   tol = _TOL[dtype]
   assert y.dtype == dtype and y.shape == (batch, out)
@@ -80,38 +77,14 @@ def test_kernels_match_float64_reference(in_features, out, fan_in, batch, dtype)
   assert max(errors.values()) < tol, (errors, "entropy", _ENTROPY)
 
 
-@pytest.mark.parametrize("variant", ["rows"] if _INTERPRET else ["rows", "tile"])
-def test_dx_with_heavily_colliding_indices(variant):
-  # 200 rows all read columns 0..3: every atomic add of a block lands on 4 columns.
+def test_dx_with_heavily_colliding_indices():
+  # 200 rows all read columns 0..3: each of those columns sums 200 entries (25 chunks).
   x, values, indices, g = _case(16, 200, 4, 24, jnp.float32, jnp.uint16, collide=True)
   dx = fanin.fanin_dx(g, values, indices, in_features=16, interpret=_INTERPRET, tuning=_SMALL,
-                      variant=variant)
+                      chunk=8)
   _, _, dx_ref = _reference(x, values, indices, g)
   assert _rel(dx, dx_ref) < 1e-5, _ENTROPY
   assert not np.any(np.asarray(dx)[:, 4:])  # untouched columns stay exactly zero
-
-
-def test_tile_dx_on_collision_free_tiles():
-  # Row u reads columns (u * K + k) mod in: within a tile of 8 rows a slot never repeats
-  # a column, the one case interpret mode can check the tile variant on.
-  in_features, out, fan_in, batch = 64, 37, 3, 20
-  rng = np.random.default_rng([_ENTROPY, 7])
-  indices = jnp.asarray((np.arange(out)[:, None] * fan_in + np.arange(fan_in)) % in_features,
-                        jnp.uint16)
-  values = jnp.asarray(rng.standard_normal((out, fan_in)), jnp.float32)
-  x = jnp.asarray(rng.standard_normal((batch, in_features)), jnp.float32)
-  g = jnp.asarray(rng.standard_normal((batch, out)), jnp.float32)
-  y_ref, dvalues_ref, dx_ref = _reference(x, values, indices, g)
-  tuning = _SMALL
-  dx = fanin.fanin_dx(g, values, indices, in_features=in_features, interpret=_INTERPRET,
-                      tuning=tuning, variant="tile")
-  y = fanin.fanin_forward(x, values, indices, interpret=_INTERPRET, tuning=tuning)
-  dvalues = fanin.fanin_dvalues(x, g, indices, values_dtype=jnp.float32, interpret=_INTERPRET,
-                                tuning=tuning)
-  for got, want in ((dx, dx_ref), (y, y_ref), (dvalues, dvalues_ref)):
-    assert _rel(got, want) < 1e-5, _ENTROPY
-  with pytest.raises(ValueError, match="variant"):
-    fanin.fanin_dx(g, values, indices, in_features=in_features, interpret=True, variant="csc")
 
 
 def test_interpret_mode_poisons_unwritten_outputs():
@@ -150,3 +123,16 @@ def test_dispatch_interpret_equals_xla_with_gradients(monkeypatch):
   monkeypatch.setenv("SPARSEJAX_KERNELS", "cuda")
   with pytest.raises(ValueError, match="SPARSEJAX_KERNELS"):
     sj.fixed_fanin_matmul(x, layer.values, layer.indices)
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_sorted_topology_reused_across_calls(collide):
+  x, values, indices, g = _case(16, 200, 4, 24, jnp.float32, jnp.uint16, collide=collide)
+  order, col_ptr = fanin.sort_topology(indices, 16)
+  assert int(col_ptr[-1]) == indices.size and np.all(np.diff(np.asarray(col_ptr)) >= 0)
+  flat = np.asarray(indices).reshape(-1)
+  assert np.all(np.diff(flat[np.asarray(order)]) >= 0)  # slots in column order
+  dx = fanin.fanin_dx_sorted(g, values, order, col_ptr, interpret=_INTERPRET, tuning=_SMALL,
+                             chunk=8)
+  _, _, dx_ref = _reference(x, values, indices, g)
+  assert _rel(dx, dx_ref) < 1e-5, _ENTROPY
