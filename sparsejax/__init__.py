@@ -1,7 +1,8 @@
 """sparsejax: sparse training in JAX whose memory scales with the non-zeros."""
 
 from sparsejax.fanin_matmul import fixed_fanin_matmul, resolve_impl
-from sparsejax.fixed_fanin import FixedFanIn, check_fixed_fanin, default_index_dtype, random_topology
+from sparsejax.fixed_fanin import (FixedFanIn, check_fixed_fanin, default_index_dtype,
+                                   draw_columns, random_topology)
 from sparsejax.grad_prune import prune_grad, prune_weight_grad
 from sparsejax.masked import MaskedLinear
 from sparsejax.mvue import nm_prune
@@ -22,6 +23,7 @@ __all__ = [
     "SuPar",
     "check_fixed_fanin",
     "default_index_dtype",
+    "draw_columns",
     "fixed_fanin_matmul",
     "is_nm_sparse",
     "nm_mask",

@@ -13,7 +13,8 @@ from jax.experimental import checkify
 from sparsejax import _checks
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 
-__all__ = ["FixedFanIn", "check_fixed_fanin", "default_index_dtype", "random_topology"]
+__all__ = ["FixedFanIn", "check_fixed_fanin", "default_index_dtype", "draw_columns",
+           "fill_free_slots", "random_topology"]
 
 
 def default_index_dtype(in_features: int) -> jnp.dtype:
@@ -59,41 +60,97 @@ def random_topology(key: jax.Array, in_features: int, out_features: int, fan_in:
   """
   _check_sizes(in_features, out_features, fan_in)
   index_dtype = _resolve_index_dtype(index_dtype, in_features)
+  shape = (out_features, fan_in)
+  cols = _draw_columns(key, jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool), in_features,
+                       all_free=True)
+  return jnp.sort(cols, axis=1).astype(index_dtype)
+
+
+def draw_columns(key: jax.Array, indices: jax.Array, free: jax.Array,
+                 in_features: int) -> jax.Array:
+  """Redraws the ``free`` slots of every row with distinct random columns.
+
+  The new columns of a row are a uniformly random set among the columns its
+  kept (non-free) slots do not hold, so the row stays distinct. This is both
+  the initial draw of ``random_topology`` (every slot free) and SET's random
+  regrowth (the pruned slots free).
+
+  Arguments:
+    key: PRNG key; the same key gives the same bits.
+    indices: ``(out, K)`` integer columns; the kept ones must be distinct per row.
+    free: ``(out, K)`` bool, the slots to draw.
+    in_features: number of input columns, ``>= K``.
+
+  Returns:
+    ``(out, K)`` int32: kept slots unchanged. Work and memory are ``O(out * K)``
+    when ``2 K <= in``: draw with replacement, then redraw repeats until none is
+    left. Each step treats all column labels alike, so the result is uniform;
+    with ``K <= in / 2`` a draw repeats with p <= 1/2, so the loop ends after
+    O(log(out * K)) steps. Otherwise, one ``(out, in)`` draw (at most twice
+    the size of the result).
+  """
+  _checks.check_int(indices, "indices")
+  if jnp.ndim(indices) != 2 or jnp.shape(free) != jnp.shape(indices):
+    raise ValueError(f"indices and free must both have shape (out, K), got "
+                     f"{jnp.shape(indices)} and {jnp.shape(free)}")
+  if _checks.dtype_of(free) != jnp.bool_:
+    raise ValueError(f"free must be a bool array, got dtype {_checks.dtype_of(free)}")
+  _check_sizes(in_features, *jnp.shape(indices))
+  return _draw_columns(key, indices, free, in_features, all_free=False)
+
+
+@functools.partial(jax.jit, static_argnames=("in_features", "all_free"))
+def _draw_columns(key, indices, free, in_features, *, all_free: bool):
+  # ``all_free``: nothing is kept, so rows need no slot bookkeeping and come out
+  # sorted (a single-operand sort, several times faster on CPU).
+  out, fan_in = indices.shape
+  indices = indices.astype(jnp.int32)
   if 2 * fan_in > in_features:
-    cols = _dense_draw(key, in_features, out_features, fan_in)
-  else:
-    cols = _resample_repeats(key, in_features, out_features, fan_in)
-  return cols.astype(index_dtype)
+    # Uniform scores, kept columns last: the first K by score are a random order of
+    # the columns a row may take; the j-th free slot takes the j-th of them.
+    rows = jnp.arange(out)[:, None]
+    scores = jax.random.uniform(key, (out, in_features))
+    scores = scores.at[rows, indices].set(jnp.where(free, scores[rows, indices], jnp.inf))
+    return fill_free_slots(indices, free, jnp.argsort(scores, axis=1)[:, :fan_in])
 
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _dense_draw(key, in_features, out_features, fan_in):
-  # First K of a random permutation per row; (out, in) is at most 2x the output here.
-  scores = jax.random.uniform(key, (out_features, in_features))
-  return jnp.sort(jnp.argsort(scores, axis=1)[:, :fan_in], axis=1)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _resample_repeats(key, in_features, out_features, fan_in):
-  # Draw K columns with replacement, then redraw every repeated slot until a row
-  # is distinct. Each step treats all column labels alike, so the final set is a
-  # uniformly random K-subset. With K <= in / 2 a slot repeats with p <= 1/2, so
-  # the loop ends after O(log(out * K)) steps.
   def draw(step):
-    return jax.random.randint(jax.random.fold_in(key, step), (out_features, fan_in), 0,
-                              in_features)
+    return jax.random.randint(jax.random.fold_in(key, step), (out, fan_in), 0, in_features)
+
+  def sort_rows(cols, free, slots):
+    # By (column, free): a repeat is always a free slot, since kept ones are distinct.
+    if all_free:
+      return jnp.sort(cols, axis=1), free, slots
+    return lax.sort((cols, free, slots), dimension=1, num_keys=2)
 
   def repeated(cols):  # cols sorted per row
-    first = jnp.zeros((out_features, 1), bool)
-    return jnp.concatenate([first, cols[:, 1:] == cols[:, :-1]], axis=1)
+    return jnp.concatenate([jnp.zeros((out, 1), bool), cols[:, 1:] == cols[:, :-1]], axis=1)
 
   def redraw(state):
-    step, cols = state
-    return step + 1, jnp.sort(jnp.where(repeated(cols), draw(step), cols), axis=1)
+    step, cols, free, slots = state
+    return (step + 1, *sort_rows(jnp.where(repeated(cols), draw(step), cols), free, slots))
 
-  state = (1, jnp.sort(draw(0), axis=1))
-  _, cols = lax.while_loop(lambda state: jnp.any(repeated(state[1])), redraw, state)
-  return cols
+  slots = jnp.broadcast_to(jnp.arange(fan_in, dtype=jnp.int32), (out, fan_in))
+  state = (1, *sort_rows(jnp.where(free, draw(0), indices), free.astype(jnp.int32), slots))
+  _, cols, _, slots = lax.while_loop(lambda state: jnp.any(repeated(state[1])), redraw, state)
+  if all_free:
+    return cols
+  # Back from sorted order to slot order.
+  return jnp.zeros((out, fan_in), jnp.int32).at[jnp.arange(out)[:, None], slots].set(cols)
+
+
+def fill_free_slots(indices: jax.Array, free: jax.Array, candidates: jax.Array) -> jax.Array:
+  """The j-th free slot of a row (in slot order) takes ``candidates[row, j]``.
+
+  Arguments:
+    indices, free: ``(out, K)`` columns and the bool slots to fill.
+    candidates: ``(out, >= K)`` columns, in the order the free slots take them.
+
+  Returns:
+    ``(out, K)`` int32.
+  """
+  rank = jnp.cumsum(free, axis=1) - 1
+  chosen = jnp.take_along_axis(candidates, jnp.maximum(rank, 0), axis=1)
+  return jnp.where(free, chosen.astype(jnp.int32), indices.astype(jnp.int32))
 
 
 def _scatter_to_dense(indices, row_values, in_features: int) -> jax.Array:

@@ -37,6 +37,7 @@ from jax import lax
 
 from sparsejax import _tree
 from sparsejax.fanin_matmul import _over_row_chunks
+from sparsejax.fixed_fanin import draw_columns, fill_free_slots
 
 __all__ = ["SetTopologyState", "set_topology", "static_topology", "rigl_regrowth_columns",
            "sparse_layer_names"]
@@ -171,7 +172,7 @@ def set_topology(
         else:
           pruned = jnp.abs(w.astype(jnp.float32)) < threshold(step)
         if regrowth == "random":
-          new = regrow_random(jax.random.fold_in(step_key, n), indices, pruned, sizes[n])
+          new = draw_columns(jax.random.fold_in(step_key, n), indices, pruned, sizes[n])
         else:
           new = rigl_regrowth_columns(indices, pruned, *io[n])
         new_indices.append(new.astype(indices.dtype))
@@ -253,54 +254,6 @@ def prune_smallest(w: jax.Array, fraction: jax.Array) -> jax.Array:
   return rank < count
 
 
-def regrow_random(key: jax.Array, indices: jax.Array, pruned: jax.Array,
-                  in_features: int) -> jax.Array:
-  """New columns for the pruned slots: uniform, distinct, not among the kept ones.
-
-  Arguments:
-    key: PRNG key.
-    indices: ``(out, K)`` current columns.
-    pruned: ``(out, K)`` bool, the slots to refill.
-    in_features: number of input columns.
-
-  Returns:
-    ``(out, K)`` int32 columns: kept slots unchanged, each row distinct. Work
-    and memory are ``O(out * K)`` when ``2 K <= in`` (redraw collisions until
-    none is left, as in ``random_topology``), else one ``(out, in)`` draw.
-  """
-  out, fan_in = indices.shape
-  indices = indices.astype(jnp.int32)
-  if 2 * fan_in > in_features:
-    rows = jnp.arange(out)[:, None]
-    scores = jax.random.uniform(key, (out, in_features))
-    kept = jnp.where(pruned, scores[rows, indices], jnp.inf)
-    scores = scores.at[rows, indices].set(kept)  # kept columns sort last
-    return _fill_pruned(indices, pruned, jnp.argsort(scores, axis=1)[:, :fan_in])
-
-  slots = jnp.broadcast_to(jnp.arange(fan_in), (out, fan_in))
-
-  def draw(step):
-    return jax.random.randint(jax.random.fold_in(key, step), (out, fan_in), 0, in_features)
-
-  def collisions(cols):
-    # Sorted by (column, pruned), a repeat is always a pruned slot: kept ones are distinct.
-    cols_sorted, _, slot_sorted = lax.sort((cols, pruned.astype(jnp.int32), slots),
-                                           dimension=1, num_keys=2)
-    repeat = jnp.concatenate(
-        [jnp.zeros((out, 1), bool), cols_sorted[:, 1:] == cols_sorted[:, :-1]], axis=1)
-    return jnp.zeros((out, fan_in), bool).at[jnp.arange(out)[:, None], slot_sorted].set(repeat)
-
-  def redraw(state):
-    step, cols, bad = state
-    cols = jnp.where(bad, draw(step), cols)
-    return step + 1, cols, collisions(cols)
-
-  cols = jnp.where(pruned, draw(0), indices)
-  _, cols, _ = lax.while_loop(lambda state: jnp.any(state[2]), redraw,
-                              (1, cols, collisions(cols)))
-  return cols
-
-
 def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
                           g: jax.Array) -> jax.Array:
   """RigL: refill pruned slots with the largest ``|dense gradient|`` columns of their row.
@@ -333,16 +286,9 @@ def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
     score = jnp.abs(xt @ lax.dynamic_slice_in_dim(g, start, size, axis=1)).T  # (size, in)
     score = score.at[rows, idx].set(jnp.where(pr, score[rows, idx], -jnp.inf))
     _, candidates = lax.top_k(score, fan_in)
-    return lax.dynamic_update_slice_in_dim(cols, _fill_pruned(idx, pr, candidates), start, 0)
+    return lax.dynamic_update_slice_in_dim(cols, fill_free_slots(idx, pr, candidates), start, 0)
 
   return _over_row_chunks(refill_block, out, block, indices)
-
-
-def _fill_pruned(indices, pruned, candidates):
-  """The j-th pruned slot of a row (in slot order) takes ``candidates[row, j]``."""
-  rank = jnp.cumsum(pruned, axis=1) - 1
-  chosen = jnp.take_along_axis(candidates, jnp.maximum(rank, 0), axis=1)
-  return jnp.where(pruned, chosen.astype(jnp.int32), indices)
 
 
 def _strip_indices(leaves, treedef):

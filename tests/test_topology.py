@@ -123,13 +123,25 @@ def test_random_regrowth_is_uniform_over_free_columns():
   # (10 of them: the 8 never used plus the 2 just pruned).
   indices = jnp.tile(jnp.array([[0, 3, 6, 9]], jnp.uint16), (30_000, 1))
   pruned = jnp.tile(jnp.array([[True, False, True, False]]), (30_000, 1))
-  new = np.asarray(topology.regrow_random(jax.random.key(0), indices, pruned, 12))
+  new = np.asarray(sj.draw_columns(jax.random.key(0), indices, pruned, 12))
   assert (new[:, 1] == 3).all() and (new[:, 3] == 9).all()
   counts = np.bincount(new[:, [0, 2]].ravel(), minlength=12)
   assert counts[3] == counts[9] == 0
   free = counts[[0, 1, 2, 4, 5, 6, 7, 8, 10, 11]]
   expected = 60_000 / 10
   assert ((free - expected) ** 2 / expected).sum() < 33  # chi2, dof 9, p < 1e-4
+
+
+def test_draw_columns_rejects_bad_input():
+  indices, free = jnp.zeros((4, 3), jnp.int32), jnp.ones((4, 3), bool)
+  with pytest.raises(ValueError, match="shape"):
+    sj.draw_columns(jax.random.key(0), indices, free[:, :2], 8)
+  with pytest.raises(ValueError, match="bool"):
+    sj.draw_columns(jax.random.key(0), indices, free.astype(jnp.int32), 8)
+  with pytest.raises(ValueError, match="exceeds in_features"):
+    sj.draw_columns(jax.random.key(0), indices, free, 2)
+  with pytest.raises(ValueError, match="integer"):
+    sj.draw_columns(jax.random.key(0), indices.astype(jnp.float32), free, 8)
 
 
 def test_rigl_regrowth_matches_dense_gradient():
