@@ -13,11 +13,11 @@ and, in the backward pass, gives ``params`` the gradient of the pruned dY
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from sparsejax.mvue import nm_prune
 
@@ -68,12 +68,13 @@ def prune_weight_grad(apply: Callable[[jax.Array, Any], jax.Array], x: jax.Array
   In the backward pass dY, of shape ``(..., out)``, is flattened to
   ``(tokens, out)`` and pruned along the token axis, the contraction axis of
   ``dW = dY^T X``; only ``params`` see the pruned dY. ``x`` gets the exact
-  gradient from the dense dY.
+  gradient from the dense dY. ``apply`` runs once forward and its VJP twice
+  backward (dense dY, then pruned dY).
 
   Arguments:
     apply: ``(x, params) -> y``, e.g. ``lambda x, p: x @ p["kernel"] + p["bias"]``
-      or ``lambda x, v: sparsejax.fixed_fanin_matmul(x, v, indices)``. It may
-      close over other arrays (they get no gradient through this path).
+      or ``lambda x, v: sparsejax.fixed_fanin_matmul(x, v, indices)``. Arrays it
+      closes over get the gradient of the dense dY.
     x: input ``(..., in)``; the number of tokens ``prod(shape[:-1])`` of the
       output must be divisible by ``m``.
     params: pytree of the weights ``apply`` reads.
@@ -83,10 +84,32 @@ def prune_weight_grad(apply: Callable[[jax.Array, Any], jax.Array], x: jax.Array
   Returns:
     ``y = apply(x, params)``.
   """
-  # Two paths with the same forward value: x's gradient through the first sees
-  # the dense dY; params' through the second, whose value is exactly 0, the pruned one.
-  y = apply(x, lax.stop_gradient(params))
-  y_params = apply(lax.stop_gradient(x), params)
-  zero = y_params - lax.stop_gradient(y_params)
-  tokens = zero.reshape(-1, zero.shape[-1])
-  return y + prune_grad(tokens, key, n=n, m=m, method=method, axis=0).reshape(y.shape)
+  y_shape = jax.eval_shape(apply, x, params)
+  tokens = math.prod(y_shape.shape[:-1])
+  jax.eval_shape(functools.partial(nm_prune, n=n, m=m, method=method, axis=0),
+                 jax.ShapeDtypeStruct((tokens, y_shape.shape[-1]), y_shape.dtype), key)
+  # Closed-over arrays (tracers under jit) become explicit arguments of the rule.
+  converted, consts = jax.closure_convert(apply, x, params)
+  return _prune_weight_grad(converted, n, m, method, x, params, key, *consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _prune_weight_grad(apply, n, m, method, x, params, key, *consts):
+  del n, m, method, key
+  return apply(x, params, *consts)
+
+
+def _prune_weight_grad_fwd(apply, n, m, method, x, params, key, *consts):
+  y, vjp = jax.vjp(apply, x, params, *consts)
+  return y, (vjp, key)
+
+
+def _prune_weight_grad_bwd(apply, n, m, method, residuals, g):
+  vjp, key = residuals
+  dx, _, *dconsts = vjp(g)
+  pruned = nm_prune(g.reshape(-1, g.shape[-1]), key, n=n, m=m, method=method, axis=0)
+  _, dparams, *_ = vjp(pruned.reshape(g.shape))
+  return (dx, dparams, None, *dconsts)
+
+
+_prune_weight_grad.defvjp(_prune_weight_grad_fwd, _prune_weight_grad_bwd)
