@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = ["Tuning", "fanin_forward", "fanin_dvalues", "fanin_dx", "fanin_dx_sorted",
            "sort_topology", "FORWARD_TUNING", "DVALUES_TUNING", "DX_TUNING", "DX_CHUNK"]
 
+
 class Tuning(NamedTuple):
   """Launch settings of a kernel (static; interpret mode uses only the block sizes).
 
@@ -55,8 +56,6 @@ DX_CHUNK = 128
 
 def _compiler_params(tuning: Tuning):
   return plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
-
-
 
 
 def _blocks(out: int, batch: int, block_rows: int, block_batch: int):

@@ -105,11 +105,11 @@ def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, meth
   """
   _checks.check_float(x, "x")
   _check_method(method, n, m)
+  if method == "greedy":  # nm_mask runs the same checks
+    return jnp.where(nm_mask(x, n, m, axis), x, jnp.zeros((), jnp.result_type(x)))
   axis = _check_nm(jnp.shape(x), n, m, axis)
   _checks.check_finite(x, "x")
   x = jnp.asarray(x)
-  if method == "greedy":
-    return jnp.where(nm_mask(x, n, m, axis), x, jnp.zeros((), x.dtype))
   groups = to_groups(x, m, axis)
   uniforms = group_uniforms(key, int(np.prod(groups.shape[:-1])), _RANDOM[method, n, m])
   out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparsejax import _tree
+from sparsejax import _tree, nn
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.masked import MaskedLinear
 from sparsejax.topology import static_topology
@@ -208,10 +208,9 @@ def infer_specs(model_or_params, *, roles: Mapping[str, str] | None = None,
     tree = nnx.as_pure(nnx.state(model_or_params, nnx.Param))
     known = {}
     for path, node in nnx.iter_graph(model_or_params):
-      if hasattr(node, "fan_in") and hasattr(node, "in_features"):  # sparsejax.nn layers
-        prefix = "/".join(map(str, path))
-        field = "values" if hasattr(node, "values") else "weight"
-        known[f"{prefix}/{field}"] = node.fan_in / node.in_features
+      field = {nn.FixedFanInLinear: "values", nn.MaskedLinear: "weight"}.get(type(node))
+      if field:
+        known["/".join(map(str, path)) + f"/{field}"] = node.fan_in / node.in_features
   else:
     tree, known = model_or_params, {}
     for path, node in jax.tree_util.tree_flatten_with_path(
@@ -227,11 +226,11 @@ def infer_specs(model_or_params, *, roles: Mapping[str, str] | None = None,
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       continue  # indices, masks: not parameters
     role = "vector" if jnp.ndim(leaf) <= 1 else (_match(roles, name) or "hidden")
-    density = _match(densities, name) or known.get(name, 1.0)
-    if (role == "hidden" and name not in known and _match(densities, name) is None
-        and name.endswith("values")):
+    override = _match(densities, name)
+    if role == "hidden" and override is None and name not in known and name.endswith("values"):
       raise ValueError(f"cannot tell the density of {name!r} from its arrays; pass "
                        f"densities={{{name!r}: K / in}}")
+    density = known.get(name, 1.0) if override is None else override
     spec = ParamSpec(role, float(density) if role == "hidden" else 1.0)
     _check_spec(name, spec)
     specs[name] = spec

@@ -181,6 +181,8 @@ def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
   worst = supar.coord_check_drift(rows, width=128, density=0.25)
   assert worst["supar"] < 1.2, worst
   assert worst["sp"] > 1.2, worst
+  with pytest.raises(ValueError, match="no reference run at width=128, density=1"):
+    supar.coord_check_drift(rows, width=128, density=1)
 
 
 def test_coord_check_script_writes_csv_and_plot(tmp_path):

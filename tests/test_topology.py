@@ -231,6 +231,8 @@ class _Net(nnx.Module):
 def test_nnx_optimizer_step_rewires_and_resets_moments():
   model = _Net(nnx.Rngs(0))
   wrt = (nnx.Param, sj.nn.Indices)
+  assert sj.sparse_layer_names(nnx.as_pure(nnx.state(model, wrt))) == ["clf"]
+  assert sj.sparse_layer_names({"a": {"b": [_setup(8, 4, 2)]}, "w": jnp.ones(3)}) == ["a/b/0"]
   tx = sj.set_topology(optax.adamw(1e-2), key=jax.random.key(1), interval=2, end_step=10,
                        in_features=sj.nn.fixed_fanin_sizes(model))
   assert sj.nn.fixed_fanin_sizes(model) == {"clf": 16}
