@@ -14,8 +14,16 @@ the rows. Timing: warm-up, then the median of ``--repeats`` calls with
 flatter. The device-to-device copy bandwidth is measured in the same run;
 for each case the table gives the bytes a fwd+bwd step must move (each input
 read once, each output written once), the achieved GB/s, the fraction of the
-copy bandwidth and the time ratio to dense bf16. The table goes to stdout and
-to its section of ``BENCHMARKS.md``.
+copy bandwidth and the time ratio to dense bf16.
+
+MVUE N:M gradient pruning of a (tokens, out) dY along the tokens (``--nm_*``
+flags), for 1:2, 2:4 and approximate 2:4: the mask alone (``xla``:
+``sparsejax.nm_prune``; ``pallas``: the in-kernel-RNG kernel, checked equal to
+it first) with bytes = dY read + written; and ``dW = X^T prune(dY)`` as
+mask-then-matmul (XLA mask or kernel mask, then an XLA matmul) against the
+fused kernel that never writes the pruned dY.
+
+The tables go to stdout and to their section of ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,15 @@ import sparsejax as sj
 
 START_MARKER = "<!-- kernels:start -->"
 END_MARKER = "<!-- kernels:end -->"
+
+
+@dataclasses.dataclass
+class NmRow:
+  pruning: str
+  path: str
+  ms: float | None
+  bytes_moved: int
+  note: str = ""
 
 
 @dataclasses.dataclass
@@ -220,6 +237,107 @@ def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_byt
   return rows
 
 
+_NM = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx")]
+
+
+def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
+  """Rows for the MVUE mask and the weight gradient; kernels only on GPU."""
+  from sparsejax.kernels import nm
+  from sparsejax.mvue import _key_data
+  gpu = jax.default_backend() == "gpu"
+  keys = [jax.random.key(40 + i) for i in range(2)]
+  gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
+  xs = [jax.random.normal(jax.random.key(60 + i), (tokens, in_features), dtype) for i in range(2)]
+  item = jnp.dtype(dtype).itemsize
+  rows = []
+  for n, m, method in _NM:
+    name = f"{n}:{m} {method}"
+    xla_mask = jax.jit(lambda g, k, n=n, m=m, method=method: sj.nm_prune(
+        g, k, n=n, m=m, method=method, axis=0))
+    kernel_mask = jax.jit(lambda g, k, m=m, method=method: nm.nm_prune_kernel(
+        g, _key_data(k), m=m, method=method, axis=0))
+    fused = jax.jit(lambda x, g, k, m=m, method=method: nm.pruned_weight_grad(
+        x, g, _key_data(k), m=m, method=method))
+    mask_bytes = 2 * tokens * out * item
+    dw_bytes = tokens * (in_features + out) * item + in_features * out * 4
+    mask_paths = {"xla": xla_mask} | ({"pallas": kernel_mask} if gpu else {})
+    for path, mask in mask_paths.items():
+      note = ""
+      if path == "pallas":
+        got, want = (np.asarray(f(gs[0], keys[0]), np.float32) for f in (kernel_mask, xla_mask))
+        same = np.array_equal(got != 0, want != 0)
+        diff = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        if not same or diff > 1e-6:
+          raise AssertionError(f"mask kernel {name} differs from nm_prune: {diff}")
+        note = "bit-equal to nm_prune" if diff == 0 else f"kept equal, max rel diff {diff:.0e}"
+      seconds = _time(mask, list(zip(gs, keys)), repeats)
+      rows.append(NmRow(name, f"mask: {path}", seconds * 1e3, mask_bytes, note))
+      dw = jax.jit(lambda x, g, k, mask=mask: (x.T @ mask(g, k)).astype(jnp.float32))
+      seconds = _time(dw, list(zip(xs, gs, keys)), repeats)
+      rows.append(NmRow(name, f"dW: {path} mask, then matmul", seconds * 1e3, dw_bytes))
+    if gpu:
+      want = np.asarray(xs[0], np.float32).T @ np.asarray(xla_mask(gs[0], keys[0]), np.float32)
+      err = float(np.linalg.norm(np.asarray(fused(xs[0], gs[0], keys[0])) - want)
+                  / np.linalg.norm(want))
+      if not err < 1e-2:
+        raise AssertionError(f"fused dW {name}: relative error {err}")
+      seconds = _time(fused, list(zip(xs, gs, keys)), repeats)
+      rows.append(NmRow(name, "dW: fused kernel", seconds * 1e3, dw_bytes,
+                        f"check rel err {err:.1e}"))
+    else:
+      rows.append(NmRow(name, "mask: pallas; dW: fused kernel", None, mask_bytes,
+                        "not run: no GPU (interpret mode is tested in tests/test_kernels_nm.py)"))
+  return rows
+
+
+def sweep_nm(tokens: int, in_features: int, out: int, dtype, repeats: int) -> str:
+  """Times the 2:4 MVUE mask and fused dW kernels over launch settings (GPU)."""
+  from sparsejax.kernels import nm
+  from sparsejax.mvue import _key_data
+  keys = [_key_data(jax.random.key(40 + i)) for i in range(2)]
+  gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
+  xs = [jax.random.normal(jax.random.key(60 + i), (tokens, in_features), dtype) for i in range(2)]
+  cases = [("mask", nm.MaskTuning(groups, warps, stages)) for groups in (256, 512, 1024)
+           for warps in (4, 8, 16) for stages in (1, 2)]
+  # Each program prunes its dY tiles once per block of inputs: wide input blocks prune less
+  # often, at the cost of registers and of re-reading X once per block of outputs.
+  cases += [("fused dW", nm.DwTuning(bi, bo, bg, warps, stages))
+            for bi, bo in ((128, 64), (256, 32), (256, 64), (512, 16), (512, 32), (1024, 16))
+            for bg in (16, 32) for warps in (4, 8) for stages in (2, 3)]
+  results = []
+  for kernel, tuning in cases:
+    if kernel == "mask":
+      fn = jax.jit(lambda x, g, k, t=tuning: nm.nm_prune_kernel(g, k, m=4, method="mvue", axis=0,
+                                                                tuning=t))
+    else:
+      fn = jax.jit(lambda x, g, k, t=tuning: nm.pruned_weight_grad(x, g, k, m=4, method="mvue",
+                                                                   tuning=t))
+    try:
+      ms = _time(fn, list(zip(xs, gs, keys)), repeats) * 1e3
+      results.append((kernel, tuning, ms, ""))
+    except Exception as error:  # a launch setting the compiler rejects: report, go on
+      results.append((kernel, tuning, float("inf"), type(error).__name__))
+  lines = [f"N:M kernel launch settings, 2:4 mvue, tokens {tokens:,}, in {in_features}, "
+           f"out {out}, {jnp.dtype(dtype).name}:", "", "| kernel | settings | ms |", "|---|---|---:|"]
+  for kernel, t, ms, err in sorted(results, key=lambda r: (r[0], r[2])):
+    lines.append(f"| {kernel} | {t} | {ms:.3f}{' ' + err if err else ''} |")
+  return "\n".join(lines)
+
+
+def format_nm_table(rows, bandwidth: float) -> str:
+  lines = ["| pruning | path | ms | MB moved | GB/s | of copy BW | note |",
+           "|---|---|---:|---:|---:|---:|---|"]
+  for r in rows:
+    if r.ms is None:
+      lines.append(f"| {r.pruning} | {r.path} | - | {r.bytes_moved / 1e6:,.0f} | - | - | "
+                   f"{r.note} |")
+      continue
+    gbs = r.bytes_moved / (r.ms / 1e3) / 1e9
+    lines.append(f"| {r.pruning} | {r.path} | {r.ms:,.3f} | {r.bytes_moved / 1e6:,.0f} | "
+                 f"{gbs:,.0f} | {gbs / bandwidth:.0%} | {r.note} |")
+  return "\n".join(lines)
+
+
 def format_table(rows, bandwidth: float) -> str:
   dense = {(r.out): r.ms for r in rows if r.path == "dense bf16"}
   lines = ["| out | K | path | ms / fwd+bwd | MB moved | GB/s | of copy BW | vs dense bf16 | note |",
@@ -237,7 +355,7 @@ def format_table(rows, bandwidth: float) -> str:
   return "\n".join(lines)
 
 
-def render_section(rows, bandwidth: float, command: str) -> str:
+def render_section(rows, bandwidth: float, command: str, nm_rows=(), nm_shape=None) -> str:
   device = jax.devices()[0]
   versions = f"Python {sys.version.split()[0]}, jax {jax.__version__}"
   try:
@@ -255,7 +373,11 @@ def render_section(rows, bandwidth: float, command: str) -> str:
       "- One step = y, dvalues and dx for loss 0.5 |y|^2; batch 256, in 768, float32 "
       "values, uint16 indices. MB moved counts each input read once and each output "
       "written once.", "",
-      format_table(rows, bandwidth), ""])
+      format_table(rows, bandwidth), "",
+      *([f"MVUE N:M pruning of dY (tokens, out) = ({nm_shape[0]:,}, {nm_shape[2]:,}) along the "
+         f"tokens, {nm_shape[3]}; dW = X^T prune(dY) with X ({nm_shape[0]:,}, {nm_shape[1]:,}). "
+         "Mask MB = dY read + written; dW MB = X and dY read, float32 dW written.", "",
+         format_nm_table(nm_rows, bandwidth), ""] if nm_rows else [])])
 
 
 def write_section(path: pathlib.Path, section: str) -> None:
@@ -277,7 +399,12 @@ def define_flags():
   flags.DEFINE_integer("repeats", 20, "timed repeats (median)")
   flags.DEFINE_float("max_dense_gib", 8.0, "skip dense weights larger than this")
   flags.DEFINE_integer("xla_max_out", 670091, "time the (slow) XLA path only up to this out")
+  flags.DEFINE_integer("nm_tokens", 8192, "tokens of the N:M pruning benchmark (0 skips it)")
+  flags.DEFINE_integer("nm_in", 768, "input features of the N:M weight-gradient benchmark")
+  flags.DEFINE_integer("nm_out", 3072, "output features (dY columns) of the N:M benchmark")
+  flags.DEFINE_enum("nm_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of X and dY")
   flags.DEFINE_bool("sweep", False, "time each kernel over launch settings (GPU) and exit")
+  flags.DEFINE_bool("nm_sweep", False, "time the N:M kernels over launch settings (GPU) and exit")
   flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                       "file whose kernels section is rewritten ('' to skip)")
 
@@ -285,6 +412,10 @@ def define_flags():
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
+  if FLAGS.nm_sweep:
+    print(sweep_nm(FLAGS.nm_tokens, FLAGS.nm_in, FLAGS.nm_out, jnp.dtype(FLAGS.nm_dtype),
+                   FLAGS.repeats))
+    return
   if FLAGS.sweep:
     print(sweep(int(FLAGS.outs[0]), int(FLAGS.fan_ins[0]), FLAGS.batch, FLAGS.in_features,
                 FLAGS.repeats))
@@ -292,7 +423,11 @@ def main(argv):
   bandwidth = copy_bandwidth(FLAGS.repeats)
   rows = run([int(o) for o in FLAGS.outs], [int(k) for k in FLAGS.fan_ins], FLAGS.batch,
              FLAGS.in_features, FLAGS.repeats, FLAGS.max_dense_gib * 2**30, FLAGS.xla_max_out)
-  section = render_section(rows, bandwidth, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+  nm_shape = (FLAGS.nm_tokens, FLAGS.nm_in, FLAGS.nm_out, FLAGS.nm_dtype)
+  nm_rows = (run_nm(*nm_shape[:3], jnp.dtype(FLAGS.nm_dtype), FLAGS.repeats)
+             if FLAGS.nm_tokens else [])
+  section = render_section(rows, bandwidth, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+                           nm_rows, nm_shape)
   print(section)
   if FLAGS.output:
     write_section(pathlib.Path(FLAGS.output), section)

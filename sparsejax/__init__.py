@@ -1,9 +1,10 @@
 """sparsejax: sparse training in JAX whose memory scales with the non-zeros."""
 
-from sparsejax.fanin_matmul import fixed_fanin_matmul, resolve_impl
+from sparsejax.dispatch import resolve_impl
+from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import (FixedFanIn, check_fixed_fanin, default_index_dtype,
                                    draw_columns, random_topology)
-from sparsejax.grad_prune import prune_grad, prune_weight_grad
+from sparsejax.grad_prune import prune_grad, prune_weight_grad, pruned_linear
 from sparsejax.masked import MaskedLinear
 from sparsejax.mvue import nm_prune
 from sparsejax.nm import is_nm_sparse, nm_mask
@@ -31,6 +32,7 @@ __all__ = [
     "nn",
     "prune_grad",
     "prune_weight_grad",
+    "pruned_linear",
     "random_topology",
     "resolve_impl",
     "rigl_regrowth_columns",

@@ -14,7 +14,6 @@ intermediate is one (out, B) slab, never (B, out, K).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,27 +21,10 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
+from sparsejax.dispatch import resolve_impl
 from sparsejax.kernels import fanin as _kernels
 
-__all__ = ["fixed_fanin_matmul", "resolve_impl", "IMPLS"]
-
-IMPLS = ("auto", "xla", "pallas", "interpret")
-_ENV = "SPARSEJAX_KERNELS"
-
-
-def resolve_impl(impl: str | None = None) -> str:
-  """Which path runs: ``"xla"``, ``"pallas"`` (compiled kernels) or ``"interpret"``.
-
-  ``impl=None`` reads the environment variable ``SPARSEJAX_KERNELS`` (default
-  ``"auto"``). ``"auto"`` picks the Pallas kernels on GPU and XLA elsewhere.
-  """
-  impl = os.environ.get(_ENV, "auto") if impl is None else impl
-  if impl not in IMPLS:
-    raise ValueError(f"impl (or ${_ENV}) must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-  return impl
-
+__all__ = ["fixed_fanin_matmul"]
 
 def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
                        impl: str | None = None) -> jax.Array:

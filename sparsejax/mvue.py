@@ -24,23 +24,27 @@ Randomness: group ``g`` (groups numbered in the order of ``x`` with the group
 axis moved last) draws its uniforms from ``threefry2x32(key, (g, 0))``, one
 32-bit word per uniform. The result therefore depends only on the key and the
 group's position, not on how the work is split, which lets a fused kernel
-reproduce it bit for bit.
+reproduce it bit for bit (``threefry_words`` and ``prune_columns`` are the
+elementwise pieces that kernels share).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry_2x32
 
 from sparsejax import _checks
 from sparsejax.nm import _check_nm, from_groups, nm_mask, to_groups
 
-__all__ = ["METHODS", "nm_prune", "prune_groups", "group_uniforms"]
+__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "prune_columns", "group_uniforms",
+           "threefry_words", "uniform_from_word"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
-_RANDOM = {("mvue", 1, 2): 1, ("mvue", 2, 4): 1, ("mvue_approx", 2, 4): 2}  # uniforms/group
+# Uniforms per group of each random (method, n, m).
+DRAWS = {("mvue", 1, 2): 1, ("mvue", 2, 4): 1, ("mvue_approx", 2, 4): 2}
 
 
 def _check_method(method: str, n: int, m: int) -> None:
@@ -49,8 +53,8 @@ def _check_method(method: str, n: int, m: int) -> None:
   if method == "greedy":
     if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
       raise ValueError(f"greedy N:M pruning needs integers 1 <= n < m, got n={n!r}, m={m!r}")
-  elif (method, n, m) not in _RANDOM:
-    supported = sorted(f"{n}:{m}" for meth, n, m in _RANDOM if meth == method)
+  elif (method, n, m) not in DRAWS:
+    supported = sorted(f"{n}:{m}" for meth, n, m in DRAWS if meth == method)
     raise ValueError(f"method {method!r} supports {', '.join(supported)}, got {n}:{m}")
 
 
@@ -63,6 +67,39 @@ def _key_data(key) -> jax.Array:
     raise ValueError("N:M pruning needs a single threefry2x32 key (jax.random.key or a "
                      f"uint32[2] raw key), got shape {key.shape} and dtype {key.dtype}")
   return key
+
+
+def threefry_words(key_words: tuple, counter0: jax.Array, counter1: jax.Array):
+  """Threefry-2x32 (20 rounds) of the counter pair ``(counter0, counter1)``, elementwise.
+
+  The same bits as ``jax.extend.random.threefry_2x32``, written with uint32
+  adds, shifts and xors only, so Pallas kernels can run it on their tiles.
+
+  Arguments:
+    key_words: the key's two uint32 words (scalars).
+    counter0, counter1: uint32 arrays of one shape.
+
+  Returns:
+    The two output words, uint32 arrays of the counters' shape.
+  """
+  k0, k1 = key_words
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = counter0 + ks[0], counter1 + ks[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def uniform_from_word(word: jax.Array) -> jax.Array:
+  """float32 in ``[0, 1)`` from the top 23 bits of a uint32 word (as ``jax.random.uniform``)."""
+  return (word >> np.uint32(9)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-23)
 
 
 def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
@@ -78,11 +115,10 @@ def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
   """
   if num_groups >= 2**32:
     raise ValueError(f"at most 2^32 - 1 groups per call, got {num_groups}")
-  counters = jnp.concatenate([jnp.arange(num_groups, dtype=jnp.uint32),
-                              jnp.zeros(num_groups, jnp.uint32)])
-  words = threefry_2x32(_key_data(key), counters).reshape(2, num_groups).T[:, :draws]
-  mantissa = (words >> 9) | np.uint32(0x3F800000)  # 1.xxx in [1, 2)
-  return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+  key = _key_data(key)
+  words = threefry_words((key[0], key[1]), jnp.arange(num_groups, dtype=jnp.uint32),
+                         jnp.zeros(num_groups, jnp.uint32))
+  return jnp.stack([uniform_from_word(w) for w in words[:draws]], axis=-1)
 
 
 def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, method: str,
@@ -111,7 +147,7 @@ def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, meth
   _checks.check_finite(x, "x")
   x = jnp.asarray(x)
   groups = to_groups(x, m, axis)
-  uniforms = group_uniforms(key, int(np.prod(groups.shape[:-1])), _RANDOM[method, n, m])
+  uniforms = group_uniforms(key, int(np.prod(groups.shape[:-1])), DRAWS[method, n, m])
   out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)
   return from_groups(out, axis)
 
@@ -128,75 +164,112 @@ def prune_groups(groups: jax.Array, uniforms: jax.Array, *, n: int, method: str)
 
   Returns:
     The pruned groups, same shape and dtype. Exposed so that tests can
-    enumerate every outcome of ``u`` and kernels can be checked against it.
+    enumerate every outcome of ``u``.
   """
   _check_method(method, n, groups.shape[-1])
   if method == "greedy":
     raise ValueError("prune_groups implements the random methods; use nm_prune for greedy")
   acc = jnp.promote_types(groups.dtype, jnp.float32)
-  x = groups.astype(acc)
-  u = uniforms.astype(acc)
-  a = jnp.abs(x)
+  columns = [groups[..., j].astype(acc) for j in range(groups.shape[-1])]
+  draws = [uniforms[..., d].astype(acc) for d in range(uniforms.shape[-1])]
+  return jnp.stack(prune_columns(columns, draws, method=method), axis=-1).astype(groups.dtype)
+
+
+def prune_columns(columns: list, uniforms: list, *, method: str) -> list:
+  """The MVUE rule on a group's entries held as ``m`` separate arrays.
+
+  Only elementwise operations, in a fixed order, so ``prune_groups`` and the
+  Pallas kernels (which hold entry ``j`` of a tile's groups as one array) run
+  this same function and agree bit for bit.
+
+  Arguments:
+    columns: ``m`` float arrays of one shape, entry ``j`` of every group (m = 2 or 4).
+    uniforms: ``d`` arrays of that shape in ``[0, 1)`` (``d = 2`` for ``"mvue_approx"``).
+    method: ``"mvue"`` (1:2 when ``m = 2``, 2:4 when ``m = 4``) or ``"mvue_approx"``.
+
+  Returns:
+    ``m`` arrays: the kept entries ``x_j / p_j``, zeros elsewhere.
+  """
+  a = [jnp.abs(x) for x in columns]
   if method == "mvue_approx":
-    p, kept = _two_without_replacement(a, u[..., 0], u[..., 1])
-  elif n == 1:
-    p, kept = _mvue_pair(a, u[..., 0])
+    p, kept = _two_without_replacement(a, uniforms[0], uniforms[1])
+    scaled = [x / jnp.where(k, pj, 1) for x, pj, k in zip(columns, p, kept)]
   else:
-    p, kept = _mvue_systematic(a, u[..., 0])
-  safe_p = jnp.where(kept, p, 1)
-  return jnp.where(kept, x / safe_p, 0).astype(groups.dtype)
+    # x / p in closed form (sign(x) S for 1:2, sign(x) S / 2 for 2:4, ...): exact, and
+    # free of divisions that a compiler could reassociate differently in a kernel.
+    magnitude, kept = (_mvue_pair if len(columns) == 2 else _mvue_systematic)(a, uniforms[0])
+    scaled = [jnp.where(x < 0, -s, s) for x, s in zip(columns, magnitude)]
+  zero = jnp.zeros_like(columns[0])
+  return [jnp.where(k, v, zero) for v, k in zip(scaled, kept)]
+
+
+def _running_sums(weights):
+  """Inclusive prefix sums, added left to right (the one summation order used here)."""
+  sums = [weights[0]]
+  for w in weights[1:]:
+    sums.append(sums[-1] + w)
+  return sums
+
+
+def _safe(total):
+  return jnp.where(total > 0, total, 1)
 
 
 def _pick(weights, point):
   """The entry whose slot on the cumulative ``weights`` holds ``point * total``.
 
-  Returns a bool one-hot ``(..., m)`` (all False when the total is 0). The last
-  positive entry's slot is closed above, so rounding cannot push a point past it.
+  Returns ``m`` bool arrays, one-hot across them (all False when the total is
+  0). The last positive entry's slot is closed above, so rounding cannot push a
+  point past it.
   """
-  cumulative = jnp.cumsum(weights, axis=-1)
-  total = cumulative[..., -1:]
-  t = point[..., None] * total
-  # Exclusive cumsum (not cumulative - weights, which rounds): slots tile with no gap.
-  lower = jnp.concatenate([jnp.zeros_like(total), cumulative[..., :-1]], axis=-1)
-  positive = weights > 0
-  m = weights.shape[-1]
-  last_positive = (m - 1 - jnp.argmax(positive[..., ::-1], axis=-1))[..., None]
-  is_last = jnp.arange(m) == last_positive
-  upper_ok = (t < cumulative) | is_last
-  return positive & (lower <= t) & upper_ok
+  cumulative = _running_sums(weights)
+  t = point * cumulative[-1]
+  picked, later_positive = [None] * len(weights), jnp.zeros(t.shape, bool)
+  for j in reversed(range(len(weights))):
+    positive = weights[j] > 0
+    lower = cumulative[j - 1] if j else jnp.zeros_like(t)
+    upper_ok = (t < cumulative[j]) | ~later_positive  # last positive entry: closed above
+    picked[j] = positive & (lower <= t) & upper_ok
+    later_positive = later_positive | positive
+  return picked
 
 
 def _mvue_pair(a, u):
-  total = jnp.sum(a, axis=-1, keepdims=True)
-  p = a / jnp.where(total > 0, total, 1)
-  return p, _pick(a, u)
+  """Kept magnitude ``|x| / p = S`` for either entry, and the kept entry."""
+  total = _running_sums(a)[-1]
+  return [total] * len(a), _pick(a, u)
 
 
 def _mvue_systematic(a, u):
-  total = jnp.sum(a, axis=-1, keepdims=True)
-  a_max = jnp.max(a, axis=-1, keepdims=True)
-  dominant = (2 * a_max > total) & (a == a_max)
+  """Kept magnitudes ``|x| / p`` and kept entries of 2:4 systematic sampling."""
+  total = _running_sums(a)[-1]
+  a_max = functools.reduce(jnp.maximum, a)
   # Only one entry can exceed half the total; first index on an exact tie.
-  dominant = dominant & (jnp.cumsum(dominant, axis=-1) == 1)
-  has_dominant = jnp.any(dominant, axis=-1, keepdims=True)
-  rest = jnp.where(dominant, 0, a)
-  rest_total = jnp.sum(rest, axis=-1, keepdims=True)
-  p = jnp.where(has_dominant,
-                jnp.where(dominant, 1, rest / jnp.where(rest_total > 0, rest_total, 1)),
-                2 * a / jnp.where(total > 0, total, 1))
+  dominant, seen = [], jnp.zeros(u.shape, bool)
+  for aj in a:
+    dominant.append((2 * a_max > total) & (aj == a_max) & ~seen)
+    seen = seen | dominant[-1]
+  has_dominant = seen
+  rest = [jnp.where(d, 0, aj) for d, aj in zip(dominant, a)]
+  rest_total = _running_sums(rest)[-1]
+  # p = 1 for a dominant entry, a / rest_total for the others; else p = 2 a / S.
+  magnitude = [jnp.where(has_dominant, jnp.where(d, aj, rest_total), total / 2)
+               for d, aj in zip(dominant, a)]
   # No dominant entry: points u and u + 1 on [0, 2), i.e. u/2 and (u+1)/2 of the total.
-  kept_spread = _pick(a, u / 2) | _pick(a, (u + 1) / 2)
+  spread = [x | y for x, y in zip(_pick(a, u / 2), _pick(a, (u + 1) / 2))]
   # A dominant entry is kept surely; one more is drawn from the rest with p = a / rest_total.
-  kept_dominant = dominant | _pick(rest, u)
-  return p, jnp.where(has_dominant, kept_dominant, kept_spread)
+  with_dominant = [d | r for d, r in zip(dominant, _pick(rest, u))]
+  return magnitude, [jnp.where(has_dominant, x, y) for x, y in zip(with_dominant, spread)]
 
 
 def _two_without_replacement(a, u1, u2):
-  total = jnp.sum(a, axis=-1, keepdims=True)
+  total = _running_sums(a)[-1]
   first = _pick(a, u1)
-  second = _pick(jnp.where(first, 0, a), u2)
-  t = a / jnp.where(total > 0, total, 1)
-  rest = total - a  # S - a_j
-  ratio = jnp.where(rest > 0, t / jnp.where(rest > 0, rest, 1), 0)  # t_j / (S - a_j)
-  p = t + a * (jnp.sum(ratio, axis=-1, keepdims=True) - ratio)
-  return p, first | second
+  second = _pick([jnp.where(f, 0, aj) for f, aj in zip(first, a)], u2)
+  t = [aj / _safe(total) for aj in a]
+  # t_j / (S - a_j) as one division: chained divisions get reassociated differently by
+  # XLA and by a kernel's compiler, which would break bit-equality between them.
+  ratio = [jnp.where(total - aj > 0, aj / _safe(total * (total - aj)), 0) for aj in a]
+  ratio_sum = _running_sums(ratio)[-1]
+  p = [tj + aj * (ratio_sum - rj) for tj, aj, rj in zip(t, a, ratio)]
+  return p, [f | s for f, s in zip(first, second)]

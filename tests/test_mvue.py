@@ -345,3 +345,14 @@ def test_nnx_modules_fresh_key_every_step_same_seed_same_run(weight_grad_only):
   with pytest.raises(ValueError, match="axis"):
     sj.nn.PrunedGrad(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), n=1, m=2, method="mvue",
                      axis="batch", rngs=nnx.Rngs(0))
+
+
+def test_threefry_words_are_jax_threefry():
+  from jax.extend.random import threefry_2x32
+  rng = np.random.default_rng()
+  key = rng.integers(0, 2**32, 2, dtype=np.uint32)
+  counters = rng.integers(0, 2**32, (2, 1000), dtype=np.uint32)
+  words = sj.mvue.threefry_words((key[0], key[1]), jnp.asarray(counters[0]),
+                                 jnp.asarray(counters[1]))
+  expected = threefry_2x32(jnp.asarray(key), jnp.asarray(counters.reshape(-1)))
+  np.testing.assert_array_equal(np.concatenate(words), expected, err_msg=str(key))
