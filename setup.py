@@ -8,6 +8,11 @@ from setuptools import setup
 ROOT = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "sparsejax" / "__init__.py").read_text())[1]
 
+# tensorflow-datasets without TensorFlow: array_record files read by tfds.data_source.
+# tfds 4.9.x imports importlib_resources at build time on every Python but declares it
+# only for Python < 3.9 (tensorflow/datasets#11212).
+DATA = ["tensorflow-datasets>=4.9.7", "array-record>=0.5", "importlib_resources>=6"]
+
 setup(
     name="sparsejax",
     version=VERSION,
@@ -16,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The top-level kernels/ folder ships as the sub-package sparsejax.kernels.
-    packages=["sparsejax", "sparsejax.data", "sparsejax.kernels"],
+    packages=["sparsejax", "sparsejax.data", "sparsejax.xmc", "sparsejax.kernels"],
     package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels"},
     install_requires=[
         "jax>=0.10",
@@ -28,11 +33,12 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # The suite executes the notebooks, so it needs their kernel too.
+        # The suite executes the notebooks, so it needs their kernel too, and it builds
+        # a tfds dataset (the data extra).
         "test": ["pytest>=8", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29"],
+                 "ipykernel>=6.29", *DATA],
         "notebooks": ["jupyterlab>=4", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
-        "data": ["tensorflow-datasets>=4.9.7", "array-record>=0.5"],
+        "data": DATA,
         # The Pallas kernels were built and checked with jax 0.11.2 (CUDA 13) on an H100;
         # they need no jax-triton or triton package (Pallas brings its own lowering).
         "gpu": ["jax[cuda13]>=0.11.2,<0.12"],
