@@ -12,6 +12,7 @@ from sparsejax.topology import (SetTopologyState, rigl_regrowth_columns, set_top
                                 sparse_layer_names, static_topology)
 from sparsejax import nn
 from sparsejax import supar
+from sparsejax import xmc
 from sparsejax.supar import ParamSpec, SuPar, scale_by_supar
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "sparse_layer_names",
     "static_topology",
     "supar",
+    "xmc",
 ]

@@ -1,0 +1,22 @@
+"""Extreme multi-label classification: chunked losses and top-k, label clusters, metrics."""
+
+from sparsejax.xmc.clusters import balanced_kmeans, cluster_targets, label_centroids
+from sparsejax.xmc.label_chunks import (LOSSES, chunked_loss, chunked_topk, compiled_memory,
+                                        dense_logits, fixed_fanin_logits)
+from sparsejax.xmc.metrics import RankingMetrics, format_table, inverse_propensity, ranking_metrics
+
+__all__ = [
+    "LOSSES",
+    "RankingMetrics",
+    "balanced_kmeans",
+    "chunked_loss",
+    "chunked_topk",
+    "cluster_targets",
+    "compiled_memory",
+    "dense_logits",
+    "fixed_fanin_logits",
+    "format_table",
+    "inverse_propensity",
+    "label_centroids",
+    "ranking_metrics",
+]
