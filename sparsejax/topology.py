@@ -46,6 +46,8 @@ sparse_layer_names = _tree.sparse_layer_names
 
 # RigL scores (rows, in) dense-gradient blocks; rows per block keep a block near 16 MiB.
 _RIGL_BLOCK_ELEMENTS = 1 << 22
+# SET rewires (rows, K) blocks of about this many slots (a few MiB of scratch each).
+_REWIRE_BLOCK_ELEMENTS = 1 << 18
 
 
 class SetTopologyState(NamedTuple):
@@ -165,17 +167,23 @@ def set_topology(
 
     def rewire(stepped):
       step_key = jax.random.fold_in(key, step)
+      if fraction is not None:
+        select = lambda w: prune_smallest(w, fraction(step))
+      else:
+        select = lambda w: jnp.abs(w.astype(jnp.float32)) < threshold(step)
       new_indices, pruned_slots = [], []
       for n, (indices, w) in enumerate(zip(old_indices, stepped)):
-        if fraction is not None:
-          pruned = prune_smallest(w, fraction(step))
-        else:
-          pruned = jnp.abs(w.astype(jnp.float32)) < threshold(step)
         if regrowth == "random":
-          new = draw_columns(jax.random.fold_in(step_key, n), indices, pruned, sizes[n])
+          layer_key = jax.random.fold_in(step_key, n)
+          regrow = lambda start, idx, pruned, key=layer_key, size=sizes[n]: draw_columns(
+              jax.random.fold_in(key, start), idx, pruned, size)
         else:
-          new = rigl_regrowth_columns(indices, pruned, *io[n])
-        new_indices.append(new.astype(indices.dtype))
+          x, g = io[n]
+          g = g.reshape(-1, indices.shape[0])
+          regrow = lambda start, idx, pruned, x=x, g=g: rigl_regrowth_columns(
+              idx, pruned, x, lax.dynamic_slice_in_dim(g, start, idx.shape[0], axis=1))
+        new, pruned = _rewire_rows(select, regrow, indices, w)
+        new_indices.append(new)
         pruned_slots.append(pruned)
       return new_indices, pruned_slots
 
@@ -289,6 +297,28 @@ def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
     return lax.dynamic_update_slice_in_dim(cols, fill_free_slots(idx, pr, candidates), start, 0)
 
   return _over_row_chunks(refill_block, out, block, indices)
+
+
+def _rewire_rows(select, regrow, indices, w):
+  """``(new indices, pruned)`` of one layer, rewired block by block of rows.
+
+  ``select(w_block) -> pruned_block`` and ``regrow(start, indices_block,
+  pruned_block) -> columns`` see ``_REWIRE_BLOCK_ELEMENTS`` slots at a time, so
+  the per-row sorts and draws need scratch for one block, not a dozen
+  ``(out, K)`` arrays (which, at 500k labels, outweighed the classifier itself).
+  """
+  out, fan_in = indices.shape
+
+  def block(start, size, carry):
+    new, pruned = carry
+    idx = lax.dynamic_slice_in_dim(indices, start, size)
+    dropped = select(lax.dynamic_slice_in_dim(w, start, size))
+    cols = regrow(start, idx, dropped).astype(indices.dtype)
+    return (lax.dynamic_update_slice_in_dim(new, cols, start, 0),
+            lax.dynamic_update_slice_in_dim(pruned, dropped, start, 0))
+
+  rows = max(1, min(out, _REWIRE_BLOCK_ELEMENTS // fan_in))
+  return _over_row_chunks(block, out, rows, (indices, jnp.zeros(indices.shape, bool)))
 
 
 def _strip_indices(leaves, treedef):

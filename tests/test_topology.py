@@ -193,6 +193,35 @@ def test_rigl_through_the_transform_and_layer_io_errors():
     tx.update(grads, state, params, layer_io={"clf": (x, g[:, :3])})
 
 
+@pytest.mark.parametrize("regrowth", ["random", "rigl"])
+def test_rewiring_in_row_blocks(monkeypatch, regrowth):
+  # Blocks of 3 rows and a ragged tail: every block prunes its rows' smallest weights
+  # and regrows distinct columns; RigL (no randomness) equals the one-block result.
+  params = {"clf": _setup(24, 11, 4, seed=3)}
+  x = jax.random.normal(jax.random.key(1), (8, 24))
+  g = jax.random.normal(jax.random.key(2), (8, 11))
+  tx = sj.set_topology(optax.sgd(0.01), key=jax.random.key(0), interval=1, end_step=5,
+                       prune_fraction=lambda t: 0.5, regrowth=regrowth)
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  extra = {"layer_io": {"clf": (x, g)}} if regrowth == "rigl" else {}
+
+  def step():
+    updates, _ = tx.update(grads, tx.init(params), params, **extra)
+    return optax.apply_updates(params, updates)["clf"]
+
+  whole = step()
+  monkeypatch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 3 * 4)
+  blocked = step()
+  idx = np.asarray(blocked.indices)
+  assert all(len(set(row)) == 4 for row in idx.tolist()) and idx.max() < 24
+  assert (np.asarray(blocked.values == 0).sum(axis=1) == 2).all()  # floor(0.5 K) per row
+  np.testing.assert_array_equal(blocked.values, whole.values)  # the same slots pruned
+  if regrowth == "rigl":
+    np.testing.assert_array_equal(blocked.indices, whole.indices)
+  else:
+    assert not np.array_equal(blocked.indices, whole.indices)  # blocks draw their own keys
+
+
 def test_argument_errors():
   with pytest.raises(ValueError, match="interval"):
     sj.set_topology(optax.sgd(1.0), key=jax.random.key(0), interval=0, end_step=5)
