@@ -1,0 +1,1 @@
+"""SμPar experiments on the byte-level GPT (``python -m experiments.supar.sweep``)."""

@@ -1,0 +1,141 @@
+"""The SμPar transfer sweep: the GPT's per-layer SμPar table, the analysis, and a tiny run."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sparsejax as sj
+from experiments.byte_lm import ByteLM
+from experiments.supar import sweep
+from sparsejax._tree import path_name
+from sparsejax.supar import ParamSpec
+
+_TINY = sweep.Config(width=16, base_width=8, depth=1, heads=2, context=16, batch=4, steps=4,
+                     warmup=1, densities=(0.5,), parameterizations=("sp", "supar"),
+                     proxy_log2_lrs=(-6,), proxy_alpha_in=(1, 4), lr_steps=(-1, 0, 1), seeds=1,
+                     train_bytes=100_000, val_bytes=20_000, val_batches=1, coord_steps=1,
+                     coord_seeds=1)
+
+# Attention q/k/v/o at density 1/2, MLP at 1/8; width 32 vs base 8, so m_d = 4.
+_WIDTH, _BASE, _S, _ATTENTION, _MLP = 32, 8, 0.05, 0.5, 0.125
+
+
+def _spec_table(name, role, rho):
+  """(init std, Adam LR multiplier) straight from SPEC section 2."""
+  m_d = _WIDTH / _BASE
+  if role != "hidden":
+    return _S, 1.0
+  var = {"sp": _S**2, "mup": _S**2 / m_d, "supar": _S**2 / (m_d * rho)}[name]
+  lr = {"sp": 1.0, "mup": 1 / m_d, "supar": 1 / (m_d * rho)}[name]
+  return math.sqrt(var), lr
+
+
+@pytest.mark.parametrize("layer", sweep.LAYERS)
+@pytest.mark.parametrize("name", ["sp", "mup", "supar"])
+def test_gpt_multipliers_and_init_follow_the_spec_table_with_mixed_densities(name, layer):
+  config = sweep.Config(depth=2, heads=2, context=16, layer=layer, init_std=_S, warmup=0)
+  p = sj.SuPar(name, width=_WIDTH, base_width=_BASE, init_std=_S, alpha_in=2.0, alpha_out=3.0)
+  model, specs = sweep.build_model(config, p, _MLP, attention_density=_ATTENTION,
+                                   key=jax.random.key(0))
+  weight = "weight" if layer == "masked" else "values"
+  want = {"embed/embedding": ParamSpec("embedding"), "position": ParamSpec("embedding"),
+          "head/kernel": ParamSpec("output")}
+  for i in range(2):
+    want |= {f"blocks/{i}/{n}/{weight}": ParamSpec("hidden", rho)
+             for n, rho in (("qkv", _ATTENTION), ("proj", _ATTENTION), ("fc", _MLP),
+                            ("out", _MLP))}
+  assert {k: v for k, v in specs.items() if v.role != "vector"} == want
+  assert all(k.endswith(("bias", "scale")) for k, v in specs.items() if v.role == "vector")
+
+  # Init stds, pooled over the blocks; vector-like parameters keep their ones/zeros.
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  flat = {path_name(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for group in ("embed/embedding", "position", "head/kernel", "qkv", "proj", "fc", "out"):
+    names = [k for k in want if k == group or f"/{group}/" in k]
+    std = np.std(np.concatenate([flat[k].ravel() for k in names]))
+    assert std == pytest.approx(_spec_table(name, *want[names[0]])[0], rel=0.1), group
+  assert all(np.all(flat[k] == (1 if k.endswith("scale") else 0))
+             for k, v in specs.items() if v.role == "vector")
+
+  # The optimizer's per-layer LR multipliers: Adam's first update of constant gradients
+  # is +-1 per weight, so each leaf's update is its multiplier (times the schedule, 1).
+  tx = sweep.make_optimizer(specs, p, config)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    spec = specs[path_name(path)]
+    np.testing.assert_allclose(update, _spec_table(name, spec.role, spec.density)[1], rtol=1e-5)
+
+  # Forward multipliers, and the logits really are scaled.
+  sp = name == "sp"
+  assert model.embedding_multiplier == (1.0 if sp else 2.0)
+  assert model.output_multiplier == (1.0 if sp else 3.0 / 4)
+  d_head = _WIDTH // 2
+  assert all(b.attention_scale == pytest.approx(d_head ** (-0.5 if sp else -1.0))
+             for b in model.blocks)
+  logits, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+      jnp.zeros((1, 8), jnp.int32))
+  np.testing.assert_allclose(logits, model.output_multiplier * captured["head"]["__call__"][0],
+                             rtol=1e-6)
+
+
+def test_byte_lm_checks_the_parameterization_width():
+  with pytest.raises(ValueError, match="parameterization width 64 != model width 32"):
+    ByteLM(width=32, parameterization=sj.SuPar(width=64), rngs=nnx.Rngs(0))
+
+
+def _rows(name, density, optimum, seeds=(0, 1)):
+  """Synthetic sweep rows: a parabola in the grid step with its minimum at ``optimum``."""
+  return [dict(stage="sweep", parameterization=name, width=64, alpha_in=1.0, density=density,
+               layer="masked",
+               lr=1e-3 * 2.0**k, seed=s, train_loss=0.0, lr_step=k,
+               val_loss=2.0 + 0.01 * (k - optimum) ** 2 + (1 - density) * (name == "sp") + s)
+          for k in range(-2, 3) for s in seeds]
+
+
+def test_optimum_table_drift_and_gaps():
+  rows = (_rows("sp", 1.0, 0) + _rows("sp", 0.25, 2) + _rows("supar", 1.0, 0)
+          + _rows("supar", 0.25, 0))
+  rows[-1]["val_loss"] = math.nan  # one diverged seed rules its LR out
+  table = sweep.optimum_table(rows)
+  cell = {(r["parameterization"], r["density"]): r for r in table}
+  assert cell["sp", 0.25]["best_step"] == 2 and cell["sp", 0.25]["at_edge"]
+  assert cell["sp", 0.25]["drift"] == 2 and cell["supar", 0.25]["drift"] == 0
+  assert cell["sp", 0.25]["best_lr"] == pytest.approx(4e-3)
+  assert cell["sp", 0.25]["base_loss"] == pytest.approx(2.5 + 0.75 + 0.04)
+  o = sweep.outcome(table)
+  assert o["drift"] == {"sp": (0, 2), "supar": (0, 0)} and o["sparsest"] == 0.25
+  assert o["loss"]["sp"]["best"] - o["loss"]["supar"]["best"] == pytest.approx(0.75)
+  text = sweep.markdown_tables(table)
+  assert "| 1/4 | +2* (4.00e-03) | +0 (1.00e-03) |" in text
+  assert any("optimal LR: SμPar 2.5000, SP 3.2500 nats/byte; SμPar is 0.7500 (23.1 %) lower"
+             in line for line in sweep.outcome_lines(table))
+
+
+def test_tiny_sweep_writes_csv_plots_and_tables(tmp_path):
+  result = sweep.run(_TINY, progress=False)
+  proxy = [r for r in result.rows if r["stage"] == "proxy"]
+  swept = [r for r in result.rows if r["stage"] == "sweep"]
+  assert [(r["alpha_in"], r["lr"]) for r in proxy] == [(1, 2.0**-6), (4, 2.0**-6)]
+  assert result.base_lr == 2.0**-6 and result.alpha_in in (1, 4)
+  assert {r["alpha_in"] for r in swept} == {result.alpha_in}
+  assert len(swept) == 2 * 3  # parameterizations x LRs
+  assert {r["lr_step"] for r in swept} == {-1, 0, 1}
+  assert all(0 < r["val_loss"] < math.log(256) + 1 for r in result.rows)
+  assert {r["layer"] for r in result.coord_rows} == {
+      "embed", "logits", *(f"blocks/0/{n}" for n in ("qkv", "proj", "fc", "out"))}
+
+  text = sweep.write_outputs(result, _TINY, tmp_path, "python -m experiments.supar.sweep", 1.0)
+  for name in ("lr_sweep.png", "best_vs_density.png", "coord_check.png"):
+    assert (tmp_path / name).stat().st_size > 10_000, name
+  assert "Command: `python -m experiments.supar.sweep`" in text
+  assert "| 1/2 |" in text and "SμPar" in text and "Coordinate check" in text
+  assert (tmp_path / "sweep.md").read_text() == text
+  again = sweep.load_result(tmp_path)
+  assert (again.base_lr, again.alpha_in) == (result.base_lr, result.alpha_in)
+  assert again.rows == result.rows and len(again.coord_rows) == len(result.coord_rows)
