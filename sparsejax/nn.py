@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax import _checks
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.grad_prune import prune_grad, prune_weight_grad
 from sparsejax.masked import MaskedLinear as _MaskedLinearFn
 
-__all__ = ["Indices", "Mask", "FixedFanInLinear", "MaskedLinear", "PrunedGrad", "fixed_fanin_sizes"]
+__all__ = ["Indices", "Mask", "EmbeddingBag", "FixedFanInLinear", "MaskedLinear", "PrunedGrad",
+           "fixed_fanin_sizes"]
 
 
 class Indices(nnx.Variable):
@@ -155,3 +157,68 @@ class PrunedGrad(nnx.Module):
     tokens = y.reshape(-1, y.shape[-1])
     axis = 0 if self.axis == "tokens" else 1
     return prune_grad(tokens, key, axis=axis, **prune).reshape(y.shape)
+
+
+# nnx.Embed's default: normal with variance 1 / features.
+_EMBED_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+class EmbeddingBag(nnx.Module):
+  """Weighted sum of embedding rows: a linear layer over sparse inputs.
+
+  Each input is a bag of ``F`` (id, weight) pairs, padded: the output is
+  ``sum_f mask[f] * weights[f] * embedding[ids[f]]``, that is ``x @ embedding``
+  for the sparse row ``x`` with ``x[ids[f]] = weights[f]``. A sum, not a mean,
+  so that it is exactly that linear map: normalise the weights (e.g. L2 tf-idf)
+  for a mean-like scale. Work and memory scale with ``F``, not with
+  ``num_embeddings``; the gradient of the table is a scatter-add.
+
+  Arguments:
+    num_embeddings: size of the vocabulary (the sparse input dimension).
+    features: embedding size ``d``.
+    dtype: float dtype of the table.
+    embedding_init: initializer of the ``(num_embeddings, d)`` table (default
+      as ``nnx.Embed``: normal with variance ``1 / d``).
+    rngs: draws the table from ``rngs.params()``.
+
+  Attributes:
+    embedding: ``nnx.Param`` of shape ``(num_embeddings, features)``.
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+               embedding_init=_EMBED_INIT, rngs: nnx.Rngs):
+    self.num_embeddings, self.features = num_embeddings, features
+    self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features), dtype))
+
+  def __call__(self, ids: jax.Array, weights: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """``(..., F)`` ids, weights and mask -> ``(..., features)``.
+
+    Arguments:
+      ids: integer ids in ``[0, num_embeddings)`` where ``mask`` holds (padding
+        may hold any id). Checked when concrete, trusted under ``jit``.
+      weights: float weights of the ids, or None for all ones.
+      mask: bool, True for real entries, or None for all real.
+    """
+    _checks.check_int(ids, "ids")
+    if jnp.ndim(ids) < 1:
+      raise ValueError("ids must have shape (..., F), got a scalar")
+    for name, array in (("weights", weights), ("mask", mask)):
+      if array is not None and jnp.shape(array) != jnp.shape(ids):
+        raise ValueError(f"{name} must have the shape of ids {jnp.shape(ids)}, "
+                         f"got {jnp.shape(array)}")
+    if weights is not None:
+      _checks.check_float(weights, "weights")
+    if mask is not None and _checks.dtype_of(mask) != jnp.bool_:
+      raise ValueError(f"mask must be a bool array, got dtype {_checks.dtype_of(mask)}")
+    if not (_checks.is_traced(ids) or _checks.is_traced(mask)):
+      held = ids if mask is None else jnp.where(mask, ids, 0)
+      _checks.check_index_range(jnp.reshape(held, (-1, jnp.shape(ids)[-1])),
+                                self.num_embeddings, "ids")
+    table = self.embedding[...]
+    scale = jnp.ones(jnp.shape(ids), table.dtype) if weights is None else weights
+    if mask is not None:
+      scale = jnp.where(mask, scale, 0)
+    # "clip" keeps padded ids harmless: their rows are read and weighted by 0.
+    rows = jnp.take(table, ids, axis=0, mode="clip")  # (..., F, d)
+    return jnp.einsum("...f,...fd->...d", scale.astype(table.dtype), rows)

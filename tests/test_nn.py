@@ -103,3 +103,38 @@ def test_orbax_roundtrip_restores_every_variable_bit_exact(tmp_path):
   assert restored.wide.indices[...].dtype == jnp.int32
   x = jax.random.normal(jax.random.key(4), (2, 16))
   np.testing.assert_array_equal(restored(x), model(x))
+
+
+def test_embedding_bag_is_the_sparse_linear_map():
+  bag = sj.nn.EmbeddingBag(50, 6, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 50, (4, 7)).astype(np.int32)
+  weights = rng.normal(size=(4, 7)).astype(np.float32)
+  mask = rng.random((4, 7)) < 0.7
+  ids[~mask] = 49  # padding may hold any id; masked entries must not count
+  dense = np.zeros((4, 50))
+  for b, f in zip(*np.nonzero(mask)):
+    dense[b, ids[b, f]] += weights[b, f]  # a repeated id adds up, as in x @ E
+  table = np.asarray(bag.embedding[...], np.float64)
+  np.testing.assert_allclose(bag(ids, weights, mask), dense @ table, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bag(ids[0]), table[ids[0]].sum(0), rtol=1e-5)  # weights 1
+  # Its gradient is the dense one, rows of ids never seen stay exactly zero.
+  grad = nnx.grad(lambda m: jnp.sum(m(ids, weights, mask) ** 2))(bag)["embedding"][...]
+  out = dense @ table
+  np.testing.assert_allclose(grad, 2 * dense.T @ out, rtol=1e-4, atol=1e-5)
+  unseen = np.setdiff1d(np.arange(50), ids[mask])
+  assert not np.asarray(grad)[unseen].any()
+
+
+def test_embedding_bag_rejects_bad_input():
+  bag = sj.nn.EmbeddingBag(10, 3, rngs=nnx.Rngs(0))
+  ids = jnp.array([[1, 2], [3, 10]])
+  with pytest.raises(ValueError, match=r"ids\[1, 1\] = 10 is out of range"):
+    bag(ids)
+  bag(ids, mask=jnp.array([[True, True], [True, False]]))  # masked out: fine
+  with pytest.raises(ValueError, match="weights must have the shape"):
+    bag(ids, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="mask must be a bool"):
+    bag(ids, mask=jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match="ids must be an integer"):
+    bag(jnp.ones((2, 2)))

@@ -1,1 +1,0 @@
-"""Demo: a fixed fan-in classifier trained on generated data."""
