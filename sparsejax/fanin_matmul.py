@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
+from sparsejax._vma import varying_like
 from sparsejax.dispatch import resolve_impl
 from sparsejax.kernels import fanin as _kernels
 
@@ -58,6 +59,9 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
   # Checked before asarray, which inside jit would stage a concrete numpy constant.
   _checks.check_index_range(indices, jnp.shape(x)[-1], "indices")
   x, values, indices = jnp.asarray(x), jnp.asarray(values), jnp.asarray(indices)
+  # Inside shard_map the custom VJPs return each gradient typed as its operand,
+  # so all three enter varying over the same mesh axes (a no-op elsewhere).
+  x, values, indices = (varying_like(a, x, values, indices) for a in (x, values, indices))
   impl = resolve_impl(impl)
   if impl == "xla":
     return _matmul(x, values, indices)
@@ -136,10 +140,11 @@ def _matmul(x, values, indices):
     def add_slot(k, total):
       return total + _rows(xt, _slot(idx, k), acc) * _slot(w, k)[:, None]
 
-    total = lax.fori_loop(0, fan_in, add_slot, jnp.zeros((size, batch), acc))
+    total = varying_like(jnp.zeros((size, batch), acc), idx, w, xt)
+    total = lax.fori_loop(0, fan_in, add_slot, total)
     return lax.dynamic_update_slice_in_dim(y, total.T.astype(y.dtype), start, axis=1)
 
-  y = jnp.zeros((batch, out), jnp.result_type(x, values))
+  y = varying_like(jnp.zeros((batch, out), jnp.result_type(x, values)), x, values, indices)
   y = _over_row_chunks(chunk_forward, out, _row_chunk(out, batch), y)
   return y.reshape(*x.shape[:-1], out)
 
@@ -169,12 +174,13 @@ def _matmul_bwd(residuals, g):
       dxt = dxt.at[idx_k].add(gt * _slot(w, k)[:, None], mode="promise_in_bounds")
       return dxt, dw
 
-    dw = jnp.zeros((size, fan_in), acc)
+    dw = varying_like(jnp.zeros((size, fan_in), acc), dxt, idx, w, gt, xt)
     dxt, dw = lax.fori_loop(0, fan_in, slot_grads, (dxt, dw))
     dvalues = lax.dynamic_update_slice_in_dim(dvalues, dw.astype(dvalues.dtype), start, axis=0)
     return dxt, dvalues
 
-  carry = (jnp.zeros(xt.shape, acc), jnp.zeros(values.shape, values.dtype))
+  carry = varying_like((jnp.zeros(xt.shape, acc), jnp.zeros(values.shape, values.dtype)),
+                       x, values, indices, g)
   dxt, dvalues = _over_row_chunks(chunk_grads, out, _row_chunk(out, batch), carry)
   dx = dxt.T.astype(x.dtype).reshape(x.shape)
   dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)

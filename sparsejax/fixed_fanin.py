@@ -51,7 +51,9 @@ def random_topology(key: jax.Array, in_features: int, out_features: int, fan_in:
   ``out * fan_in`` (never ``out * in`` unless ``fan_in > in / 2``).
 
   Arguments:
-    key: PRNG key; the same key gives the same bits.
+    key: PRNG key; the same key gives the same bits. Row ``u`` depends only on
+      ``key`` and ``u`` (see ``draw_columns``): the first rows of a larger draw
+      equal a smaller draw with the same key.
     in_features, out_features, fan_in: sizes, ``1 <= fan_in <= in_features``.
     index_dtype: integer dtype of the result (default: ``default_index_dtype``).
 
@@ -74,6 +76,11 @@ def draw_columns(key: jax.Array, indices: jax.Array, free: jax.Array,
   kept (non-free) slots do not hold, so the row stays distinct. This is both
   the initial draw of ``random_topology`` (every slot free) and SET's random
   regrowth (the pruned slots free).
+
+  Row ``u`` draws from its own key, ``fold_in(fold_in(key, round), u)`` in
+  redraw round ``round``, so its new columns depend only on ``key``, ``u`` and
+  that row's ``indices``/``free``: drawing the rows in blocks, or a shard of
+  them elsewhere (with ``u`` the global row), gives the same bits.
 
   Arguments:
     key: PRNG key; the same key gives the same bits.
@@ -100,27 +107,36 @@ def draw_columns(key: jax.Array, indices: jax.Array, free: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("in_features", "all_free"))
-def _draw_columns(key, indices, free, in_features, *, all_free: bool):
-  # ``all_free``: nothing is kept, so rows need no slot bookkeeping and come out
-  # sorted (a single-operand sort, several times faster on CPU).
+def _draw_columns(key, indices, free, in_features, row_offset=0, *, all_free: bool):
+  """``draw_columns`` of rows ``row_offset + [0, out)`` (a traced offset is fine).
+
+  ``all_free``: nothing is kept, so rows need no slot bookkeeping and come out
+  sorted (a single-operand sort, several times faster on CPU).
+  """
   out, fan_in = indices.shape
   indices = indices.astype(jnp.int32)
+  rows = row_offset + jnp.arange(out, dtype=jnp.int32)
+
+  def row_keys(step):  # (out,) keys: row u of round ``step`` sees only (key, step, u)
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
+
   if 2 * fan_in > in_features:
     # Uniform scores, kept columns last: the first K by score are a random order of
     # the columns a row may take; the j-th free slot takes the j-th of them.
-    rows = jnp.arange(out)[:, None]
-    scores = jax.random.uniform(key, (out, in_features))
-    scores = scores.at[rows, indices].set(jnp.where(free, scores[rows, indices], jnp.inf))
+    local = jnp.arange(out)[:, None]
+    scores = jax.vmap(lambda k: jax.random.uniform(k, (in_features,)))(row_keys(0))
+    scores = scores.at[local, indices].set(jnp.where(free, scores[local, indices], jnp.inf))
     return fill_free_slots(indices, free, jnp.argsort(scores, axis=1)[:, :fan_in])
 
   def draw(step):
-    return jax.random.randint(jax.random.fold_in(key, step), (out, fan_in), 0, in_features)
+    return jax.vmap(lambda k: jax.random.randint(k, (fan_in,), 0, in_features))(row_keys(step))
 
   def sort_rows(cols, free, slots):
     # By (column, free): a repeat is always a free slot, since kept ones are distinct.
+    # Stable, so which of two equal free slots is redrawn depends on that row alone.
     if all_free:
       return jnp.sort(cols, axis=1), free, slots
-    return lax.sort((cols, free, slots), dimension=1, num_keys=2)
+    return lax.sort((cols, free, slots), dimension=1, num_keys=2, is_stable=True)
 
   def repeated(cols):  # cols sorted per row
     return jnp.concatenate([jnp.zeros((out, 1), bool), cols[:, 1:] == cols[:, :-1]], axis=1)

@@ -23,6 +23,11 @@ must mirror the params, indices included; differentiate with ``allow_int=True``
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   grads = nnx.grad(loss, argnums=nnx.DiffState(0, wrt), allow_int=True)(model, batch)
   optimizer.update(model, grads)
+
+With ``mesh=``, each device rewires only the rows of every layer that it holds
+(``jax.shard_map`` over the rows), and the random draws of a row depend only
+on the key, the step, the layer and the row's global index, so the topology
+is the same bit for bit whatever the mesh (or none).
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sparsejax import _tree
+from sparsejax._vma import varying_like
 from sparsejax.fanin_matmul import _over_row_chunks
-from sparsejax.fixed_fanin import draw_columns, fill_free_slots
+from sparsejax.fixed_fanin import _draw_columns, fill_free_slots
 
 __all__ = ["SetTopologyState", "set_topology", "static_topology", "rigl_regrowth_columns",
            "sparse_layer_names"]
@@ -80,6 +88,8 @@ def set_topology(
     prune_threshold: float | optax.Schedule | None = None,
     regrowth: str = "random",
     in_features: dict[str, int] | None = None,
+    mesh: Mesh | None = None,
+    row_axis: str = "labels",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` with SET/RigL rewiring of every fixed fan-in layer.
 
@@ -117,6 +127,14 @@ def set_topology(
       state), whose input size the arrays do not record;
       ``sparsejax.nn.fixed_fanin_sizes(model)`` builds it. ``FixedFanIn``
       nodes carry their own.
+    mesh: a ``jax.sharding.Mesh`` to shard the rows of every fixed fan-in
+      layer over: their ``values``/``indices`` (in the updates) and the inner
+      state's leaves that mirror ``values`` (Adam moments, ...) are constrained
+      to ``PartitionSpec(row_axis)``, and the rewiring runs in ``jax.shard_map``
+      on each device's rows, with no gather of a layer. Every layer's row count
+      must be a multiple of the ``row_axis`` size (pad it, e.g. with
+      ``sparsejax.xmc.pad_labels``). Random regrowth only.
+    row_axis: the mesh axis that holds the rows.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
@@ -137,13 +155,35 @@ def set_topology(
     raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
   if regrowth not in ("random", "rigl"):
     raise ValueError(f"regrowth must be 'random' or 'rigl', got {regrowth!r}")
+  if mesh is not None:
+    if not isinstance(mesh, Mesh) or row_axis not in mesh.axis_names:
+      raise ValueError(f"mesh must be a jax.sharding.Mesh with a '{row_axis}' axis (row_axis), "
+                       f"got {mesh!r}")
+    if regrowth == "rigl":
+      raise ValueError("regrowth='rigl' with a mesh is not implemented (its dense-gradient "
+                       "scores need every row's input); use regrowth='random' or mesh=None")
   fraction = _as_schedule(prune_fraction, end_step, "prune_fraction")
   threshold = _as_schedule(prune_threshold, end_step, "prune_threshold")
   inner = optax.with_extra_args_support(inner)
 
+  row_sharding = None if mesh is None else NamedSharding(mesh, P(row_axis))
+
+  def shard_rows(x):
+    return x if mesh is None else lax.with_sharding_constraint(x, row_sharding)
+
+  def shard_moments(inner_state, layers):
+    if mesh is None:
+      return inner_state
+    values = {(*path, _tree.values_key(layer)): _tree.field(layer, "values")
+              for path, layer in layers}
+    return _map_moments(inner_state, values, lambda leaf, _: shard_rows(leaf))
+
   def init_fn(params):
+    layers = _tree.sparse_layers(params)
+    _check_rows(layers, mesh, row_axis)
+    inner_state = inner.init(_strip_indices(*_tree.flatten_layers(params)))
     return SetTopologyState(count=jnp.zeros((), jnp.int32),
-                            inner_state=inner.init(_strip_indices(*_tree.flatten_layers(params))))
+                            inner_state=shard_moments(inner_state, layers))
 
   def update_fn(updates, state, params=None, *, layer_io=None, **extra_args):
     leaves, grad_leaves, treedef = _flatten_params_and_grads(params, updates, "set_topology")
@@ -153,6 +193,7 @@ def set_topology(
     update_leaves = treedef.flatten_up_to(inner_updates)
 
     layers = _tree.sparse_layers(params)
+    _check_rows(layers, mesh, row_axis)
     names = [_tree.path_name(path) for path, _ in layers]
     positions = [i for i, leaf in enumerate(leaves) if _tree.is_sparse_layer(leaf)]
     old_indices = [_tree.field(leaves[i], "indices") for i in positions]
@@ -165,24 +206,36 @@ def set_topology(
       sizes = [_in_features(layer, name, in_features) for (_, layer), name in zip(layers, names)]
     step = state.count + 1
 
-    def rewire(stepped):
-      step_key = jax.random.fold_in(key, step)
+    def rewire_layer(n, indices, w, step, first_row):
+      """Layer ``n``'s ``(new indices, pruned)`` for its rows from global row ``first_row``."""
       if fraction is not None:
         select = lambda w: prune_smallest(w, fraction(step))
       else:
         select = lambda w: jnp.abs(w.astype(jnp.float32)) < threshold(step)
+      if regrowth == "random":
+        layer_key = jax.random.fold_in(jax.random.fold_in(key, step), n)
+        regrow = lambda start, idx, pruned: _draw_columns(
+            layer_key, idx, pruned, sizes[n], first_row + start, all_free=False)
+      else:
+        x, g = io[n]
+        g = g.reshape(-1, indices.shape[0])
+        regrow = lambda start, idx, pruned: rigl_regrowth_columns(
+            idx, pruned, x, lax.dynamic_slice_in_dim(g, start, idx.shape[0], axis=1))
+      return _rewire_rows(select, regrow, indices, w)
+
+    def rewire(stepped):
       new_indices, pruned_slots = [], []
       for n, (indices, w) in enumerate(zip(old_indices, stepped)):
-        if regrowth == "random":
-          layer_key = jax.random.fold_in(step_key, n)
-          regrow = lambda start, idx, pruned, key=layer_key, size=sizes[n]: draw_columns(
-              jax.random.fold_in(key, start), idx, pruned, size)
+        if mesh is None:
+          new, pruned = rewire_layer(n, indices, w, step, 0)
         else:
-          x, g = io[n]
-          g = g.reshape(-1, indices.shape[0])
-          regrow = lambda start, idx, pruned, x=x, g=g: rigl_regrowth_columns(
-              idx, pruned, x, lax.dynamic_slice_in_dim(g, start, idx.shape[0], axis=1))
-        new, pruned = _rewire_rows(select, regrow, indices, w)
+          # Each device rewires its own rows; the step enters replicated.
+          def local(indices, w, step, n=n):
+            first_row = lax.axis_index(row_axis) * indices.shape[0]
+            return rewire_layer(n, indices, w, step, first_row)
+          new, pruned = jax.shard_map(
+              local, mesh=mesh, in_specs=(P(row_axis), P(row_axis), P()),
+              out_specs=(P(row_axis), P(row_axis)))(indices, w, step)
         new_indices.append(new)
         pruned_slots.append(pruned)
       return new_indices, pruned_slots
@@ -200,10 +253,12 @@ def set_topology(
       values = _tree.field(layer, "values").astype(value_update.dtype)
       # values + (-values) is exactly 0; indices + (new - old) wraps back to new.
       out_leaves[i] = _tree.replace_fields(
-          update_leaves[i], values=jnp.where(pruned, -values, value_update),
-          indices=new - indices)
+          update_leaves[i], values=shard_rows(jnp.where(pruned, -values, value_update)),
+          indices=shard_rows(new - indices))
       resets[(*path, _tree.values_key(layer))] = pruned
-    inner_state = _zero_moments(inner_state, resets)
+    inner_state = _map_moments(inner_state, resets,
+                               lambda leaf, mask: jnp.where(mask, jnp.zeros((), leaf.dtype), leaf))
+    inner_state = shard_moments(inner_state, layers)
     return treedef.unflatten(out_leaves), SetTopologyState(step, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -318,7 +373,8 @@ def _rewire_rows(select, regrow, indices, w):
             lax.dynamic_update_slice_in_dim(pruned, dropped, start, 0))
 
   rows = max(1, min(out, _REWIRE_BLOCK_ELEMENTS // fan_in))
-  return _over_row_chunks(block, out, rows, (indices, jnp.zeros(indices.shape, bool)))
+  carry = varying_like((indices, jnp.zeros(indices.shape, bool)), indices, w)
+  return _over_row_chunks(block, out, rows, carry)
 
 
 def _strip_indices(leaves, treedef):
@@ -328,20 +384,36 @@ def _strip_indices(leaves, treedef):
       for leaf in leaves])
 
 
-def _zero_moments(inner_state, resets):
-  """Zeros ``mask`` in each state leaf whose path ends with a values path and has its shape."""
-  by_length = {}
-  for path, mask in resets.items():
-    by_length.setdefault(len(path), {})[path] = mask
+def _map_moments(inner_state, per_layer, fn):
+  """``fn(leaf, per_layer[path])`` on each state leaf whose path ends with a values path.
 
-  def reset(path, leaf):
-    for length, masks in by_length.items():
-      mask = masks.get(tuple(path[-length:])) if len(path) >= length else None
-      if mask is not None and jnp.shape(leaf) == mask.shape:
-        return jnp.where(mask, jnp.zeros((), leaf.dtype), leaf)
+  ``per_layer`` maps a layer's values path to an array of the values' shape;
+  only leaves of that shape are mapped (moments, not e.g. scalar counts).
+  """
+  by_length = {}
+  for path, array in per_layer.items():
+    by_length.setdefault(len(path), {})[path] = array
+
+  def apply(path, leaf):
+    for length, arrays in by_length.items():
+      array = arrays.get(tuple(path[-length:])) if len(path) >= length else None
+      if array is not None and jnp.shape(leaf) == jnp.shape(array):
+        return fn(leaf, array)
     return leaf
 
-  return jax.tree_util.tree_map_with_path(reset, inner_state)
+  return jax.tree_util.tree_map_with_path(apply, inner_state)
+
+
+def _check_rows(layers, mesh, row_axis):
+  """Every layer's rows split evenly over the ``row_axis`` devices of ``mesh``."""
+  if mesh is None:
+    return
+  for path, layer in layers:
+    rows = _tree.field(layer, "values").shape[0]
+    if rows % mesh.shape[row_axis]:
+      raise ValueError(f"set_topology: layer '{_tree.path_name(path)}' has {rows} rows, not a "
+                       f"multiple of the {mesh.shape[row_axis]} devices of mesh axis "
+                       f"'{row_axis}'; pad its rows (e.g. sparsejax.xmc.pad_labels)")
 
 
 def _in_features(layer, name, in_features):

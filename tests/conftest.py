@@ -1,7 +1,14 @@
 """Shared helpers for the test suite."""
 
-import numpy as np
-import pytest
+import os
+
+# 8 CPU devices for the sharding tests: the flag must be set before jax starts.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def dense_reference(x, layer):

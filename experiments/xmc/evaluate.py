@@ -6,9 +6,10 @@
       [--propensity_a 0.5 --propensity_b 0.4] [--output results.json]
 
 Rebuilds the run's model from its ``config.json``, loads the latest checkpoint
-in ``run_dir/checkpoints``, scores every point of the test file (BoW format;
-by default the run's own test split) and prints P@k, nDCG@k and PSP@k
-(k = 1, 3, 5) as a table. Inverse propensities come from the label counts of
+in ``run_dir/checkpoints`` onto one device (that of a run sharded with
+``--mesh`` too: its padding rows are cut off), scores every point of the test
+file (BoW format; by default the run's own test split) and prints P@k, nDCG@k
+and PSP@k (k = 1, 3, 5) as a table. Inverse propensities come from the label counts of
 the run's training split; ``A`` and ``B`` default to the run's. The result
 also goes, as JSON, to ``--output`` (default ``run_dir/evaluation.json``).
 """

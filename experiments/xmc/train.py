@@ -24,6 +24,18 @@ Classification Repository's BoW format.
   function of the seed and the step); ``epochs.csv`` (one row per epoch);
   ``metrics.json`` (final P/nDCG/PSP@1,3,5, time, throughput, memory); with
   ``--step_log``, ``steps.csv`` (loss and a CRC of each step's batch).
+- Devices (``--mesh``, e.g. ``data:2,labels:4``): by default one device. With
+  a mesh the classifier's rows (params and their Adam and SET state) are split
+  over the ``labels`` axis and each batch over the ``data`` axis; the encoder
+  is replicated (data parallel). The loss and the top-k run per label shard
+  (``sparsejax.xmc.sharded_chunked_loss``/``sharded_chunked_topk``) and SET
+  rewires each shard's rows. Several processes (hosts) run one command each,
+  with ``--coordinator``, ``--num_processes`` and ``--process_id``; every
+  process computes the whole (deterministic) data order and places its part of
+  each batch; only process 0 writes ``config.json``, the CSVs and
+  ``metrics.json``. Checkpoints restore onto any mesh (another shape, one
+  device), so ``mesh`` may change when a run resumes: it changes the results
+  only by the order of floating-point reductions.
 """
 
 from __future__ import annotations
@@ -45,6 +57,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import sparsejax as sj
@@ -52,16 +67,20 @@ from experiments.xmc.model import XMCModel
 from sparsejax.data.synthetic_xmc import synthetic_xmc
 from sparsejax.data.xmc import XMCDataset, batches, pad_points, read_bow, steps_per_epoch
 from sparsejax.xmc import (RankingMetrics, balanced_kmeans, chunked_loss, chunked_topk,
-                           cluster_targets, format_table, inverse_propensity, label_centroids)
+                           cluster_targets, format_table, inverse_propensity, label_centroids,
+                           mesh_from_spec, pad_labels, padded_num_labels, sharded_chunked_loss,
+                           sharded_chunked_topk)
 
-__all__ = ["Config", "read_config", "load_data", "label_clusters", "build", "make_train_step",
-           "evaluate", "checkpoint_manager", "restore", "run", "define_flags", "main"]
+__all__ = ["Config", "Layout", "put", "read_config", "load_data", "label_clusters", "build",
+           "make_train_step", "evaluate", "checkpoint_manager", "restore", "run", "define_flags",
+           "main"]
 
 KS = (1, 3, 5)
 METRIC_NAMES = [f"{m}@{k}" for m in ("P", "nDCG", "PSP") for k in KS]
-# Fields that may change when a run resumes: they do not affect training.
+# Fields that may change when a run resumes: they do not affect training (``mesh``
+# only through the order of floating-point reductions).
 _RESUMABLE = {"eval_every", "eval_batch_size", "propensity_a", "propensity_b",
-              "checkpoint_every", "step_log"}
+              "checkpoint_every", "step_log", "mesh"}
 
 
 def _field(default, doc: str):
@@ -112,6 +131,9 @@ class Config:
   checkpoint_every: int = _field(0, "also checkpoint every this many steps "
                                  "(0: at epoch ends only)")
   step_log: bool = _field(False, "write steps.csv: each step's loss and a CRC of its batch")
+  mesh: str = _field("", "device mesh 'data:D,labels:M', e.g. 'data:2,labels:4' (D * M = all "
+                     "devices of all processes): each batch is split over D devices, the "
+                     "classifier's labels over M; '' trains on one device")
 
 
 def read_config(output_dir) -> Config:
@@ -156,14 +178,88 @@ def _param_group(params):
       else "encoder", params)
 
 
-def build(config: Config, num_features: int, num_labels: int,
-          total_steps: int) -> tuple[XMCModel, nnx.Optimizer]:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a run with ``Config.mesh`` lays out its arrays on the devices.
+
+  The classifier's arrays have ``num_padded`` rows, ``L`` rounded up to a
+  multiple of the label shards; the rows past ``L`` are zero padding that never
+  counts in the loss or the top-k.
+
+  Attributes:
+    mesh: the ``("data", "labels")`` device mesh.
+    num_labels: ``L``.
+    num_padded: rows of the classifier's arrays.
+  """
+  mesh: Mesh
+  num_labels: int
+  num_padded: int
+
+  @classmethod
+  def create(cls, spec: str, num_labels: int, devices=None) -> Layout:
+    """The layout of ``spec`` (``"data:2,labels:4"``) over ``devices`` (default: all)."""
+    mesh = mesh_from_spec(spec, devices)
+    return cls(mesh, num_labels, padded_num_labels(num_labels, mesh.shape["labels"]))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch(self) -> NamedSharding:
+    """Batches: points split over the data axis."""
+    return NamedSharding(self.mesh, P("data"))
+
+  def shardings(self, state):
+    """A ``NamedSharding`` per leaf of ``state`` (model or optimizer state, or its shapes).
+
+    Leaves under a ``classifier`` key with ``num_padded`` rows (the params, their
+    Adam moments) are split by rows over the label axis; all others (the
+    encoder, step counts) are replicated.
+    """
+    rows = NamedSharding(self.mesh, P("labels"))
+
+    def sharding(path, leaf):
+      on_labels = (any(getattr(key, "key", None) == "classifier" for key in path)
+                   and len(leaf.shape) >= 1 and leaf.shape[0] == self.num_padded)
+      return rows if on_labels else self.replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def put(tree, shardings):
+  """Global arrays from host values that every process holds whole (``shardings`` per leaf).
+
+  Each process copies only the slices of its own devices, so this works with
+  one process or many.
+  """
+  def place(value, sharding):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(place, tree, shardings)
+
+
+def _host(x) -> np.ndarray:
+  """The whole value of a (possibly sharded over processes) array, on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def build(config: Config, num_features: int, num_labels: int, total_steps: int, *,
+          layout: Layout | None = None) -> tuple[XMCModel, nnx.Optimizer]:
   """The freshly initialised model and its optimizer, a function of ``config`` only.
 
   Arguments:
     config: the run's configuration.
     num_features, num_labels: the data's ``D`` and ``L``.
     total_steps: optimizer steps of the whole run (the schedules' length).
+    layout: for a sharded run, its ``Layout``: the classifier's arrays get
+      ``layout.num_padded`` rows (zeros past ``L``; the first ``L`` are those
+      of the unsharded model, and ``classifier.out_features`` stays ``L``),
+      and SET rewires each label shard's rows. Nothing is placed on devices
+      yet: ``Layout.shardings`` and ``put`` do that to the split states.
 
   Returns:
     ``(model, optimizer)``. For a fixed fan-in classifier the optimizer also
@@ -177,6 +273,11 @@ def build(config: Config, num_features: int, num_labels: int,
                    classifier_bias=(-1.0 if config.loss == "squared_hinge"
                                     else -math.log(num_labels)),
                    rngs=nnx.Rngs(model_key))
+  if layout is not None:
+    # Padded after the init, so that the real labels start as on one device.
+    padded = pad_labels(model.classifier_params(), layout.num_padded)
+    for name, value in padded.items():
+      getattr(model.classifier, name).set_value(value)
 
   def adam(peak):
     warmup = min(config.warmup_steps, total_steps - 1)
@@ -190,25 +291,31 @@ def build(config: Config, num_features: int, num_labels: int,
     tx = sj.set_topology(tx, key=set_key, interval=config.set_interval,
                          end_step=int(config.set_until * total_steps),
                          prune_fraction=config.set_fraction,
-                         in_features=sj.nn.fixed_fanin_sizes(model))
+                         in_features=sj.nn.fixed_fanin_sizes(model),
+                         **({} if layout is None else {"mesh": layout.mesh, "row_axis": "labels"}))
   else:
     tx = sj.static_topology(tx)
   return model, nnx.Optimizer(model, tx, wrt=(nnx.Param, sj.nn.Indices))
 
 
 def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_of_label,
-                aux_weight, *, loss, label_chunk, num_clusters):
+                aux_weight, *, loss, label_chunk, num_clusters, layout=None):
   """One optimizer step; returns the new states and ``[loss, main loss, aux loss]``.
 
   ``cluster_of_label=None`` leaves the auxiliary head out of the step.
   """
   model, optimizer = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
+  if layout is None:
+    main_loss = functools.partial(chunked_loss, loss=loss, chunk_size=label_chunk)
+  else:
+    main_loss = functools.partial(sharded_chunked_loss, mesh=layout.mesh,
+                                  num_labels=layout.num_labels, loss=loss,
+                                  chunk_size=label_chunk)
 
   def objective(model):
     z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
-    main = chunked_loss(model.logits_fn, model.classifier_params(), model.classifier_input(z),
-                        batch["label_ids"], batch["label_mask"], loss=loss,
-                        chunk_size=label_chunk)
+    main = main_loss(model.logits_fn, model.classifier_params(), model.classifier_input(z),
+                     batch["label_ids"], batch["label_mask"])
     if cluster_of_label is None:
       return main, (main, jnp.zeros_like(main))
     targets = cluster_targets(batch["label_ids"], batch["label_mask"], cluster_of_label,
@@ -222,7 +329,8 @@ def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_
   return nnx.state(model), nnx.state(optimizer), jnp.stack([total, main, aux])
 
 
-def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: int):
+def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: int,
+                    layout: Layout | None = None, state_shardings=None):
   """The jitted train step of a model and optimizer split with ``nnx.split``.
 
   Arguments:
@@ -230,6 +338,12 @@ def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: in
     model_def, opt_def: the graph definitions of the model and the optimizer.
     wrt: the optimizer's ``wrt`` filter (what is differentiated and updated).
     num_clusters: outputs of the aux head (0 without one).
+    layout: for a sharded run (model and optimizer from ``build(...,
+      layout=layout)``), its ``Layout``; None for one device.
+    state_shardings: with ``layout``, ``(model, optimizer)`` state shardings
+      from ``layout.shardings``: the step's input and output shardings of the
+      states. The batch comes split over the data axis (``layout.batch``), the
+      clusters and the aux weight replicated; the losses are replicated.
 
   Returns:
     ``step(model_state, opt_state, batch, cluster_of_label, aux_weight) ->
@@ -238,22 +352,36 @@ def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: in
     aux head in this step), ``aux_weight`` a float32 scalar, ``losses`` the
     float32 ``[loss, main loss, aux loss]``. Both states are donated.
   """
-  return jax.jit(functools.partial(_train_step, model_def, opt_def, wrt, loss=config.loss,
-                                   label_chunk=config.label_chunk, num_clusters=num_clusters),
-                 donate_argnums=(0, 1))
+  step = functools.partial(_train_step, model_def, opt_def, wrt, loss=config.loss,
+                           label_chunk=config.label_chunk, num_clusters=num_clusters,
+                           layout=layout)
+  if layout is None:
+    return jax.jit(step, donate_argnums=(0, 1))
+  if state_shardings is None:
+    raise ValueError("a sharded train step needs state_shardings=(model, optimizer) from "
+                     "layout.shardings")
+  model_sharding, opt_sharding = state_shardings
+  return jax.jit(step, donate_argnums=(0, 1),
+                 in_shardings=(model_sharding, opt_sharding, layout.batch, layout.replicated,
+                               layout.replicated),
+                 out_shardings=(model_sharding, opt_sharding, layout.replicated))
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "k", "label_chunk"))
-def _predict(model_def, model_state, batch, *, k, label_chunk):
+@functools.partial(jax.jit, static_argnames=("model_def", "k", "label_chunk", "layout"))
+def _predict(model_def, model_state, batch, *, k, label_chunk, layout=None):
   """``(B, k)`` int32 ids of the best labels of each point, best first."""
   model = nnx.merge(model_def, model_state)
   z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
-  return chunked_topk(model.logits_fn, model.classifier_params(), model.classifier_input(z),
-                      k=k, chunk_size=label_chunk)[1]
+  h = model.classifier_input(z)
+  if layout is None:
+    return chunked_topk(model.logits_fn, model.classifier_params(), h, k=k,
+                        chunk_size=label_chunk)[1]
+  return sharded_chunked_topk(model.logits_fn, model.classifier_params(), h, mesh=layout.mesh,
+                              num_labels=layout.num_labels, k=k, chunk_size=label_chunk)[1]
 
 
 def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray,
-             batch_size: int, label_chunk: int) -> dict[str, float]:
+             batch_size: int, label_chunk: int, layout: Layout | None = None) -> dict[str, float]:
   """P@k, nDCG@k and PSP@k (k = 1, 3, 5) of ``model`` on every point of ``dataset``.
 
   Points go through in order, ``batch_size`` at a time (the last batch is
@@ -264,8 +392,12 @@ def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray
     model: the trained model.
     dataset: the points to score, with the model's number of labels.
     inv_propensity: ``(L,)`` inverse propensities from the training label counts.
-    batch_size: points per forward pass.
+    batch_size: points per forward pass (with ``layout``, rounded up to a
+      multiple of the data shards).
     label_chunk: labels scored at once.
+    layout: for a model placed on a mesh (``build(..., layout=layout)``),
+      its ``Layout``: each label shard streams its own top-k, the shards'
+      are merged, and every process gets all the ids.
 
   Returns:
     ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ...}`` as fractions.
@@ -276,14 +408,18 @@ def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray
   model_def, model_state = nnx.split(model)
   metrics = RankingMetrics(ks=KS, inv_propensity=inv_propensity)
   size = min(batch_size, len(dataset))
+  if layout is not None:
+    size = -(-size // layout.mesh.shape["data"]) * layout.mesh.shape["data"]
   widths = dict(max_features=max(dataset.max_features_per_point(), 1),
                 max_labels=max(dataset.max_labels_per_point(), 1))
   for start in range(0, len(dataset), size):
     rows = np.arange(start, min(start + size, len(dataset)))
     batch = pad_points(dataset, np.pad(rows, (0, size - rows.size), mode="edge"), **widths)
     features = {name: batch[name] for name in ("feature_ids", "feature_values", "feature_mask")}
-    ids = np.asarray(_predict(model_def, model_state, features, k=max(KS),
-                              label_chunk=label_chunk))[:rows.size]
+    if layout is not None:
+      features = put(features, {name: layout.batch for name in features})
+    ids = _host(_predict(model_def, model_state, features, k=max(KS), label_chunk=label_chunk,
+                         layout=layout))[:rows.size]
     metrics.update(ids, batch["label_ids"][:rows.size], batch["label_mask"][:rows.size])
   return metrics.result()
 
@@ -298,7 +434,8 @@ def checkpoint_manager(output_dir) -> ocp.CheckpointManager:
   # Synchronous saves: the next step donates the state buffers being saved.
   return ocp.CheckpointManager(
       (pathlib.Path(output_dir) / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+      item_handlers=ocp.StandardCheckpointHandler())  # known before a save: item_metadata
 
 
 def _checkpoint(model_state, opt_state, step: int, sums: np.ndarray) -> dict:
@@ -313,7 +450,13 @@ def _checkpoint(model_state, opt_state, step: int, sums: np.ndarray) -> dict:
 
 
 def restore(manager: ocp.CheckpointManager, model_state, opt_state):
-  """Loads the latest checkpoint into the states (in place).
+  """Loads the latest checkpoint into the states (in place), with their shardings.
+
+  Each array is read straight into the sharding of the state's array, so a
+  checkpoint written on one mesh restores onto another mesh shape or onto one
+  device. Where the classifier's padded row count differs (another number of
+  label shards), its arrays are cut or zero-padded to the state's rows: the
+  rows past ``L`` are padding on both sides.
 
   Returns:
     ``(step, epoch_sums)``: ``(0, zeros)`` when there is no checkpoint.
@@ -322,14 +465,64 @@ def restore(manager: ocp.CheckpointManager, model_state, opt_state):
   if latest is None:
     return 0, np.zeros(4)
   target = _checkpoint(model_state, opt_state, 0, np.zeros(4))
-  saved = manager.restore(latest, args=ocp.args.StandardRestore(target))
+  saved_shapes = {_path_key(path): tuple(meta.shape) for path, meta in
+                  jax.tree_util.tree_leaves_with_path(manager.item_metadata(latest).tree,
+                                                      is_leaf=lambda x: hasattr(x, "shape"))}
+  padding = {}
+
+  def abstract(path, x):
+    if isinstance(x, np.ndarray):
+      return x
+    sharding, saved_shape = x.sharding, saved_shapes[_path_key(path)]
+    if saved_shape != x.shape:
+      if saved_shape[1:] != x.shape[1:] or "classifier" not in _path_key(path):
+        raise ValueError(f"checkpoint {latest}: {jax.tree_util.keystr(path)} has shape "
+                         f"{saved_shape}, the model {x.shape}; was it written by another "
+                         "config?")
+      padding[path] = x.shape[0], sharding
+      if not _divides(sharding, saved_shape):  # e.g. 204 rows onto 8 shards: read whole
+        sharding = NamedSharding(sharding.mesh, P())
+    return jax.ShapeDtypeStruct(saved_shape, x.dtype, sharding=sharding)
+
+  abstract_target = jax.tree_util.tree_map_with_path(abstract, target)
+  saved = manager.restore(latest, args=ocp.args.StandardRestore(abstract_target))
+  saved = jax.tree_util.tree_map_with_path(
+      lambda path, x: _fit_rows(x, *padding[path]) if path in padding else x, saved)
   nnx.replace_by_pure_dict(model_state, saved["model"])
   nnx.replace_by_pure_dict(opt_state, saved["optimizer"])
   return int(saved["step"]), np.array(saved["epoch_sums"], np.float64)  # a writable copy
 
 
+def _path_key(path) -> tuple[str, ...]:
+  """A checkpoint path as strings (the metadata's dict keys are strings, the state's may not)."""
+  return tuple(str(key.key) for key in path)
+
+
+def _divides(sharding, shape) -> bool:
+  """Whether ``sharding`` splits an array of ``shape`` evenly."""
+  try:
+    sharding.shard_shape(shape)
+  except ValueError:
+    return False
+  return True
+
+
+def _fit_rows(x: jax.Array, rows: int, sharding) -> jax.Array:
+  """``x`` cut or zero-padded to ``rows`` rows, placed with ``sharding``."""
+  def fit(x):
+    x = x[:rows]
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return jax.jit(fit, out_shardings=sharding)(x)
+
+
+def _sync(name: str) -> None:
+  """A barrier of all processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def _write_config(output_dir: pathlib.Path, config: Config) -> None:
-  """Writes ``config.json``; refuses to resume a run made with a different config."""
+  """Writes ``config.json`` (process 0); refuses to resume a run made with a different config."""
   path = output_dir / "config.json"
   if path.exists():
     saved = json.loads(path.read_text())
@@ -338,7 +531,9 @@ def _write_config(output_dir: pathlib.Path, config: Config) -> None:
     if differ:
       raise ValueError(f"{output_dir} holds a run with a different config ({', '.join(differ)}"
                        "); use another output_dir")
-  path.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+  _sync("xmc: config checked")  # every process read the old file before it is replaced
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
 
 
 class _CsvLog:
@@ -379,7 +574,7 @@ def _memory_report(step_memory: dict[str, dict[str, int]]) -> dict:
   """Compiled memory of the train steps, process peak RSS and, on GPU, the device peak."""
   report = {"train_step": step_memory,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-  stats = jax.devices()[0].memory_stats()
+  stats = jax.local_devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     report["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
   return report
@@ -399,14 +594,24 @@ def _batch_crc(batch: dict) -> int:
   return zlib.crc32(np.ascontiguousarray(batch["label_ids"]).tobytes(), crc)
 
 
-def run(config: Config) -> dict:
+def run(config: Config, *, devices=None) -> dict:
   """Trains (resuming from ``output_dir`` when it holds checkpoints) and evaluates.
+
+  With several processes (``jax.distributed.initialize`` first), every process
+  calls it with the same config; process 0 alone writes the config, the CSVs
+  and ``metrics.json``.
+
+  Arguments:
+    config: the run's configuration.
+    devices: the devices of ``config.mesh`` (default: all devices of all
+      processes); unused without a mesh.
 
   Returns:
     The content of ``metrics.json``: ``config``, final ``metrics`` (fractions),
     ``epochs`` (the rows of ``epochs.csv``), ``seconds_per_epoch``,
-    ``samples_per_s``, ``compile_seconds``, ``memory`` (bytes), ``device``,
-    ``num_params`` and ``steps``.
+    ``samples_per_s``, ``compile_seconds``, ``memory`` (bytes, per device),
+    ``device``, ``mesh`` (axis sizes, or None), ``processes``, ``num_params``
+    (without padding) and ``steps``.
   """
   if config.loss not in sj.xmc.LOSSES:
     raise ValueError(f"loss must be one of {sj.xmc.LOSSES}, got {config.loss!r}")
@@ -418,18 +623,37 @@ def run(config: Config) -> dict:
   if per_epoch < 1:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train)} training points")
   total_steps = config.epochs * per_epoch
-  model, optimizer = build(config, train.num_features, train.num_labels, total_steps)
-  initial_topology = np.asarray(model.classifier.indices[...]) if model.sparse else None
+  layout = Layout.create(config.mesh, train.num_labels, devices) if config.mesh else None
+  if layout is not None and config.batch_size % layout.mesh.shape["data"]:
+    raise ValueError(f"batch_size {config.batch_size} is not a multiple of the "
+                     f"{layout.mesh.shape['data']} data shards of mesh {config.mesh!r}")
+  primary = jax.process_index() == 0
+  model, optimizer = build(config, train.num_features, train.num_labels, total_steps,
+                           layout=layout)
+  initial_topology = (np.asarray(model.classifier.indices[...])[:train.num_labels]
+                      if model.sparse else None)
   clusters = jnp.asarray(label_clusters(config, train)) if config.aux else None
   inv_propensity = _propensities(config, train)
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(optimizer)
+  wrt = optimizer.wrt
+  # From here the states hold the arrays; with a mesh, placed copies replace these
+  # one-device ones, which must not stay alive (a whole classifier on one device).
+  del model, optimizer
+  state_shardings = None
+  if layout is not None:
+    state_shardings = layout.shardings(model_state), layout.shardings(opt_state)
+    model_state = put(model_state, state_shardings[0])
+    opt_state = put(opt_state, state_shardings[1])
+    if clusters is not None:
+      clusters = put(clusters, layout.replicated)
   manager = checkpoint_manager(out)
   step, sums = restore(manager, model_state, opt_state)
   last_saved = step
 
-  step_fn = make_train_step(config, model_def, opt_def, optimizer.wrt,
-                            num_clusters=_num_clusters(config, train.num_labels))
+  step_fn = make_train_step(config, model_def, opt_def, wrt,
+                            num_clusters=_num_clusters(config, train.num_labels), layout=layout,
+                            state_shardings=state_shardings)
   widths = dict(max_features=train.max_features_per_point(),
                 max_labels=train.max_labels_per_point())
   compiled, compile_seconds = {}, 0.0
@@ -463,14 +687,20 @@ def run(config: Config) -> dict:
 
   def score(model):
     return evaluate(model, test, inv_propensity=inv_propensity,
-                    batch_size=config.eval_batch_size, label_chunk=config.label_chunk)
+                    batch_size=config.eval_batch_size, label_chunk=config.label_chunk,
+                    layout=layout)
+
+  def on_devices(batch):
+    # Every process holds the whole batch and places its devices' part of it.
+    return batch if layout is None else put(batch, {name: layout.batch for name in batch})
 
   fields = ["epoch", "step", "loss", "main_loss", "aux_loss", "aux_weight", "train_seconds",
             "samples_per_s", "topology_changed"] + METRIC_NAMES
-  epoch_log = _CsvLog(out / "epochs.csv", fields, step)
+  epoch_log = _CsvLog(out / "epochs.csv", fields, step) if primary else None
   step_log = (_CsvLog(out / "steps.csv", ["step", "epoch", "loss", "batch_crc"], step)
-              if config.step_log else None)
-  bar = tqdm(total=total_steps, initial=step, desc="xmc", unit="step", disable=None)
+              if config.step_log and primary else None)
+  bar = tqdm(total=total_steps, initial=step, desc="xmc", unit="step",
+             disable=None if primary else True)
   final = None
   try:
     while step < total_steps:
@@ -480,8 +710,9 @@ def run(config: Config) -> dict:
                            start_step=step % per_epoch, **widths):
         a = _aux_weight(config, step, per_epoch)
         with_aux = a > 0
-        model_state, opt_state, losses = compiled_step(with_aux, batch)(
-            model_state, opt_state, batch, clusters if with_aux else None, np.float32(a))
+        placed = on_devices(batch)
+        model_state, opt_state, losses = compiled_step(with_aux, placed)(
+            model_state, opt_state, placed, clusters if with_aux else None, np.float32(a))
         step, steps_run = step + 1, steps_run + 1
         pending.append(losses)
         if step_log:
@@ -504,31 +735,37 @@ def run(config: Config) -> dict:
                  train_seconds=round(seconds, 3),
                  samples_per_s=round(steps_run * config.batch_size / seconds, 1),
                  topology_changed="" if initial_topology is None else float(np.mean(
-                     np.asarray(model.classifier.indices[...]) != initial_topology)))
+                     _host(model.classifier.indices[...])[:train.num_labels]
+                     != initial_topology)))
       if (config.eval_every and (epoch + 1) % config.eval_every == 0) or step == total_steps:
         final = score(model)
         row.update(final)
-      epoch_log.write(row)
-      tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, "
-                 f"{row['samples_per_s']:.0f} samples/s"
-                 + (f", P@1 {row['P@1']:.4f}" if "P@1" in row else ""))
+      if primary:
+        epoch_log.write(row)
+        tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, "
+                   f"{row['samples_per_s']:.0f} samples/s"
+                   + (f", P@1 {row['P@1']:.4f}" if "P@1" in row else ""))
       sums[:] = 0
       if step != last_saved:
         last_saved = save()
   finally:
     bar.close()
     manager.wait_until_finished()
-    epoch_log.close()
+    if epoch_log:
+      epoch_log.close()
     if step_log:
       step_log.close()
 
   model = nnx.merge(model_def, model_state)
   if final is None:  # the run was already complete: evaluate the restored model
     final = score(model)
+  _sync("xmc: epochs.csv written")
   with open(out / "epochs.csv", newline="") as f:
     epochs = list(csv.DictReader(f))
   timed = [float(r["train_seconds"]) for r in epochs]
   params = nnx.state(model, nnx.Param)
+  classifier = jax.tree.leaves(nnx.state(model.classifier, nnx.Param))
+  unpadded = lambda x: x.size // x.shape[0] * train.num_labels  # classifier leaves: (rows, ...)
   results = {
       "config": dataclasses.asdict(config), "metrics": final, "epochs": epochs,
       "seconds_per_epoch": float(np.mean(timed)) if timed else None,
@@ -538,30 +775,52 @@ def run(config: Config) -> dict:
       "memory": _memory_report({("with_aux" if aux else "main"): _compiled_bytes(c)
                                 for aux, c in compiled.items()}),
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+      "mesh": None if layout is None else dict(layout.mesh.shape),
+      "processes": jax.process_count(),
       "num_params": {
-          "total": int(sum(x.size for x in jax.tree.leaves(params))),
-          "classifier": int(sum(x.size for x in jax.tree.leaves(nnx.state(model.classifier,
-                                                                           nnx.Param))))},
+          "total": int(sum(x.size for x in jax.tree.leaves(params))
+                       - sum(x.size - unpadded(x) for x in classifier)),
+          "classifier": int(sum(unpadded(x) for x in classifier))},
       "steps": step,
   }
-  (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
-  print(format_table(final))
+  if primary:
+    (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(format_table(final))
   return results
 
 
 def define_flags() -> None:
-  """One absl flag per ``Config`` field, with the field's default."""
+  """One absl flag per ``Config`` field, with the field's default, and the process flags.
+
+  ``--coordinator``, ``--num_processes`` and ``--process_id`` say where this
+  process runs, not what it trains, so they are not ``Config`` fields: a run
+  may resume with another number of processes.
+  """
   define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
             str: flags.DEFINE_string}
   for field in dataclasses.fields(Config):
     define[type(field.default)](field.name, field.default, field.metadata["help"])
+  flags.DEFINE_string("coordinator", None, "several processes (hosts): 'host:port' of process "
+                      "0, the same for all; each process runs the same command with its own "
+                      "--process_id, and --mesh spans the devices of all of them")
+  flags.DEFINE_integer("num_processes", 1, "several processes: how many")
+  flags.DEFINE_integer("process_id", 0, "several processes: this one's rank, 0 to "
+                       "num_processes - 1")
 
 
 def main(argv) -> None:
   del argv
+  FLAGS = flags.FLAGS
+  if FLAGS.coordinator:
+    # Before anything starts a backend. On CPU the processes' collectives go over gloo (TCP).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = Config(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Config)})
+  config = Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)})
   results = run(config)
+  if jax.process_index():
+    return
   memory = results["memory"]
   compiled = max((m["total_bytes"] for m in memory["train_step"].values()), default=0)
   print(f"time per epoch {results['seconds_per_epoch']:.1f} s, "

@@ -4,6 +4,8 @@ from sparsejax.xmc.clusters import balanced_kmeans, cluster_targets, label_centr
 from sparsejax.xmc.label_chunks import (LOSSES, chunked_loss, chunked_topk, compiled_memory,
                                         dense_logits, fixed_fanin_logits)
 from sparsejax.xmc.metrics import RankingMetrics, format_table, inverse_propensity, ranking_metrics
+from sparsejax.xmc.sharded import (mesh_from_spec, pad_labels, padded_num_labels,
+                                   sharded_chunked_loss, sharded_chunked_topk)
 
 __all__ = [
     "LOSSES",
@@ -18,5 +20,10 @@ __all__ = [
     "format_table",
     "inverse_propensity",
     "label_centroids",
+    "mesh_from_spec",
+    "pad_labels",
+    "padded_num_labels",
     "ranking_metrics",
+    "sharded_chunked_loss",
+    "sharded_chunked_topk",
 ]

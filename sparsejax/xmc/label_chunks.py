@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
+from sparsejax._vma import varying_like
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import FixedFanIn
 
@@ -274,8 +275,15 @@ def _loss_terms(z, y, loss: str):
   return jax.nn.softplus(z) - jnp.where(y, z, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "loss", "chunk_size"))
-def _chunked_loss(logits_fn, classifier, h, label_ids, label_mask, *, loss, chunk_size):
+@functools.partial(jax.jit, static_argnames=("logits_fn", "loss", "chunk_size", "num_valid"))
+def _chunked_loss(logits_fn, classifier, h, label_ids, label_mask, label_offset=0, *, loss,
+                  chunk_size, num_valid=None):
+  """``chunked_loss`` (not averaged over devices) of a slice of the labels.
+
+  ``classifier`` holds labels ``label_offset + [0, L)`` (the offset may be
+  traced: a shard's first row); with ``num_valid`` given, labels from
+  ``num_valid`` on (padding) are left out.
+  """
   num_labels = jax.tree.leaves(classifier)[0].shape[0]
 
   # Rematerialised: the backward pass recomputes this chunk's logits from its
@@ -283,20 +291,27 @@ def _chunked_loss(logits_fn, classifier, h, label_ids, label_mask, *, loss, chun
   # each slice lands in place in the classifier-sized gradient (XLA rewrites
   # the accumulated zero-padded slice into an in-place update).
   @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_loss(classifier, index, h, label_ids, label_mask):
-    params, start, _, fresh = _chunk_at(classifier, index, chunk_size, num_labels)
+  def chunk_loss(classifier, index, h, label_ids, label_mask, label_offset):
+    params, start, ids, fresh = _chunk_at(classifier, index, chunk_size, num_labels)
     z = _chunk_logits(logits_fn, params, h, chunk_size)
     z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
-    y = _chunk_targets(label_ids, label_mask, start, chunk_size)
-    return jnp.sum(jnp.where(fresh, _loss_terms(z, y, loss), 0))
+    y = _chunk_targets(label_ids, label_mask, label_offset + start, chunk_size)
+    return jnp.sum(jnp.where(_counted(fresh, ids, label_offset, num_valid),
+                             _loss_terms(z, y, loss), 0))
 
   def body(total, index):
-    return total + chunk_loss(classifier, index, h, label_ids, label_mask), None
+    return total + chunk_loss(classifier, index, h, label_ids, label_mask, label_offset), None
 
   dtype = jnp.promote_types(jnp.result_type(h), jnp.float32)
   n_chunks = -(-num_labels // chunk_size)
-  total, _ = lax.scan(body, jnp.zeros((), dtype), jnp.arange(n_chunks, dtype=jnp.int32))
+  total = varying_like(jnp.zeros((), dtype), classifier, h, label_ids, label_mask, label_offset)
+  total, _ = lax.scan(body, total, jnp.arange(n_chunks, dtype=jnp.int32))
   return total / h.shape[0]
+
+
+def _counted(fresh, ids, label_offset, num_valid):
+  """The chunk's labels that count: new ones, and below ``num_valid`` (if given)."""
+  return fresh if num_valid is None else fresh & (label_offset + ids < num_valid)
 
 
 def _total_order_key(x):
@@ -314,8 +329,13 @@ def _merge_topk(scores, ids, k: int):
   return scores[:, ::-1][:, :k], -neg_ids[:, ::-1][:, :k]
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "k", "chunk_size"))
-def _chunked_topk(logits_fn, classifier, h, *, k, chunk_size):
+@functools.partial(jax.jit, static_argnames=("logits_fn", "k", "chunk_size", "num_valid"))
+def _chunked_topk(logits_fn, classifier, h, label_offset=0, *, k, chunk_size, num_valid=None):
+  """``chunked_topk`` of a slice of the labels, with global ids (see ``_chunked_loss``).
+
+  With fewer than ``k`` labels that count, the rest of the ``k`` are
+  sentinels: the lowest score and id ``int32`` max, which lose every merge.
+  """
   num_labels = jax.tree.leaves(classifier)[0].shape[0]
   first = jax.tree.map(lambda leaf: leaf[:chunk_size], classifier)
   dtype = jax.eval_shape(functools.partial(_chunk_logits, logits_fn, size=chunk_size),
@@ -327,13 +347,16 @@ def _chunked_topk(logits_fn, classifier, h, *, k, chunk_size):
 
   def body(best, index):
     params, _, ids, fresh = _chunk_at(classifier, index, chunk_size, num_labels)
-    z = jnp.where(fresh, _chunk_logits(logits_fn, params, h, chunk_size), lowest)
+    counted = _counted(fresh, ids, label_offset, num_valid)
+    z = jnp.where(counted, _chunk_logits(logits_fn, params, h, chunk_size), lowest)
     scores, local = lax.top_k(z, min(k, chunk_size))
     candidates = (jnp.concatenate([best[0], scores], axis=1),
-                  jnp.concatenate([best[1], jnp.where(fresh, ids, sentinel)[local]], axis=1))
+                  jnp.concatenate([best[1], jnp.where(counted, label_offset + ids,
+                                                      sentinel)[local]], axis=1))
     return _merge_topk(*candidates, k), None
 
   batch, n_chunks = h.shape[0], -(-num_labels // chunk_size)
-  init = (jnp.full((batch, k), lowest, dtype), jnp.full((batch, k), sentinel, jnp.int32))
+  init = varying_like((jnp.full((batch, k), lowest, dtype),
+                       jnp.full((batch, k), sentinel, jnp.int32)), classifier, h, label_offset)
   (scores, ids), _ = lax.scan(body, init, jnp.arange(n_chunks, dtype=jnp.int32))
   return scores, ids

@@ -1,0 +1,263 @@
+"""Per-device memory of the sharded XMC train step: a 3M-label classifier on 1 to 8 devices.
+
+For each mesh (``--meshes``) this builds the XMC trainer's model and optimizer
+(``experiments.xmc.train.build``) as shapes only (``nnx.eval_shape``), gives
+every state leaf its sharding (``Layout.shardings``: the fixed fan-in
+classifier's values, indices, bias and their Adam moments split by label rows,
+the encoder replicated), and compiles, without running, the trainer's jitted
+train step (``make_train_step``: label-chunked loss per shard, backward, Adam,
+SET rewiring per shard). XLA's ``memory_analysis()`` of the compiled SPMD
+executable gives the bytes of one device. The table goes to stdout and to its
+own section of ``BENCHMARKS.md``.
+
+On CPU the script asks JAX for ``--devices`` host devices (the same as
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``) before any backend
+starts; meshes needing more devices than there are are left out.
+
+Run from the repository root:
+
+  python benchmarks/sharded_memory.py --num_labels=3000000 --meshes=labels:1,labels:8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pathlib
+import platform
+import re
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import optax
+from absl import app, flags
+from flax import nnx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+START_MARKER = "<!-- sharded_memory:start -->"
+END_MARKER = "<!-- sharded_memory:end -->"
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """Per-device bytes of one compiled train step (``mesh=""``: the one-device path)."""
+  mesh: str
+  devices: int
+  label_shards: int
+  arguments: int
+  temp: int
+  outputs: int
+  alias: int
+  classifier_state: int
+
+  @property
+  def total(self) -> int:
+    """Arguments + temporaries + outputs, donated state (aliased) counted once."""
+    return self.arguments + self.temp + self.outputs - self.alias
+
+
+def _abstract(state, shardings):
+  """``ShapeDtypeStruct``s of ``state``, each with its sharding."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                      shardings)
+
+
+def _mesh_size(mesh: str) -> int:
+  """Devices of a mesh spec such as ``data:2,labels:4`` (1 for "")."""
+  size = 1
+  for part in filter(None, mesh.split(",")):
+    size *= int(part.split(":")[1])
+  return size
+
+
+def measure(config, *, num_features: int, max_features: int, max_labels: int) -> Row:
+  """Compiles ``config``'s train step for abstract arguments and reads its memory analysis.
+
+  Arguments:
+    config: the run's ``train.Config``; ``config.mesh`` picks the mesh over
+      the first devices ("" for the one-device path).
+    num_features: the feature vocabulary ``D`` (the embedding bag's rows).
+    max_features, max_labels: the padded widths of a batch's feature and label lists.
+
+  Returns:
+    The per-device ``Row``.
+  """
+  from experiments.xmc import train  # after main() put the repository on the path
+  size = _mesh_size(config.mesh)
+  layout = (train.Layout.create(config.mesh, config.num_labels, jax.devices()[:size])
+            if config.mesh else None)
+  model, optimizer = nnx.eval_shape(lambda: train.build(config, num_features, config.num_labels,
+                                                        total_steps=1000, layout=layout))
+  model_def, model_state = nnx.split(model)
+  opt_def, opt_state = nnx.split(optimizer)
+  width = lambda n, dtype: jax.ShapeDtypeStruct((config.batch_size, n), dtype)
+  batch = {"feature_ids": width(max_features, jnp.int32),
+           "feature_values": width(max_features, jnp.float32),
+           "feature_mask": width(max_features, jnp.bool_),
+           "label_ids": width(max_labels, jnp.int32), "label_mask": width(max_labels, jnp.bool_)}
+  weight = jax.ShapeDtypeStruct((), jnp.float32)
+  if layout is None:
+    step = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0)
+    shards = 1
+  else:
+    shardings = layout.shardings(model_state), layout.shardings(opt_state)
+    model_state, opt_state = (_abstract(model_state, shardings[0]),
+                              _abstract(opt_state, shardings[1]))
+    batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.batch)
+             for name, x in batch.items()}
+    weight = jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated)
+    step = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0,
+                                 layout=layout, state_shardings=shardings)
+    shards = layout.mesh.shape["labels"]
+  stats = step.lower(model_state, opt_state, batch, None, weight).compile().memory_analysis()
+  classifier = [x for state in (model_state, opt_state)
+                for path, x in jax.tree_util.tree_leaves_with_path(state)
+                if any(getattr(key, "key", None) == "classifier" for key in path) and x.ndim]
+  return Row(config.mesh, size, shards, int(stats.argument_size_in_bytes),
+             int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes),
+             int(stats.alias_size_in_bytes),
+             sum(x.size * x.dtype.itemsize for x in classifier) // shards)
+
+
+def run_benchmark(meshes: list[str], *, num_labels: int, fan_in: int, classifier_in: int,
+                  batch: int, num_features: int, label_chunk: int, max_features: int,
+                  max_labels: int) -> list[Row]:
+  """Measures every mesh that the devices allow ("" measures the one-device path).
+
+  The encoder is the embedding bag of ``num_features`` x ``classifier_in``
+  and one residual MLP block; the classifier reads ``fan_in`` of its
+  ``classifier_in`` outputs per label, rewired by SET.
+  """
+  from experiments.xmc import train
+  rows = []
+  for mesh in meshes:
+    if _mesh_size(mesh) > jax.device_count():
+      print(f"mesh {mesh}: needs {_mesh_size(mesh)} devices, there are {jax.device_count()}; "
+            "left out")
+      continue
+    config = train.Config(num_labels=num_labels, num_features=num_features,
+                          embed_dim=classifier_in, fan_in=fan_in, batch_size=batch,
+                          label_chunk=label_chunk, mesh=mesh)
+    rows.append(measure(config, num_features=num_features, max_features=max_features,
+                        max_labels=max_labels))
+  return rows
+
+
+def _mib(n: int) -> str:
+  return f"{n / MIB:,.1f}"
+
+
+def format_table(rows: list[Row]) -> str:
+  """The markdown table of ``rows`` (MiB per device)."""
+  lines = ["| mesh | devices | classifier state MiB | arguments MiB | temp MiB | outputs MiB "
+           "| donated (aliased) MiB | total MiB |", "|---|" + "---:|" * 7]
+  for r in rows:
+    cells = [f"`{r.mesh}`" if r.mesh else "one device, no mesh", str(r.devices),
+             _mib(r.classifier_state), _mib(r.arguments), _mib(r.temp), _mib(r.outputs),
+             _mib(r.alias), _mib(r.total)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def render_section(rows: list[Row], command: str, *, num_labels: int, fan_in: int,
+                   classifier_in: int, batch: int, num_features: int, label_chunk: int,
+                   max_features: int, max_labels: int) -> str:
+  """The full BENCHMARKS.md section (without markers): setup, environment and table."""
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return "\n".join([
+      "## Sharded XMC train step: memory per device",
+      "",
+      f"The XMC trainer's jitted train step (`experiments.xmc.train.make_train_step`: "
+      f"encoder, squared hinge over all labels in chunks of {label_chunk:,} per label shard, "
+      "backward, Adam, SET rewiring per shard; states donated) with a fixed fan-in classifier "
+      f"of {num_labels:,} labels, K = {fan_in}, classifier input {classifier_in}, batch "
+      f"{batch} (at most {max_features} features and {max_labels} labels a point), encoder: "
+      f"embedding bag {num_features:,} x {classifier_in} + one residual MLP block, float32. "
+      "With a mesh the classifier's values, indices and bias and their Adam moments are "
+      "split by label rows over the `labels` axis, the batch over `data`, the encoder "
+      "replicated. Memory is XLA's `memory_analysis()` of the step compiled (never run) from "
+      "`jax.ShapeDtypeStruct` state with shardings: the bytes of **one device**. \"classifier "
+      "state\" is one device's share of the classifier's params and Adam moments; "
+      "arguments include the replicated encoder and its moments "
+      f"({_mib(_encoder_bytes(num_features, classifier_in))} MiB), so they stop halving once "
+      "the classifier's share is small. Total = arguments + temp + outputs - donated.",
+      "",
+      f"- Command: `{command}`",
+      f"- Date: {date}",
+      f"- Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs; {jax.device_count()} JAX "
+      f"devices `{jax.devices()[0].device_kind}` (backend `{jax.default_backend()}`); "
+      f"{platform.platform()}",
+      f"- Versions: Python {platform.python_version()}, jax {jax.__version__}, "
+      f"jaxlib {jaxlib.__version__}, optax {optax.__version__}",
+      "",
+      format_table(rows),
+  ])
+
+
+def _encoder_bytes(num_features: int, width: int) -> int:
+  """float32 bytes of the encoder's params and Adam moments (bag + one MLP block)."""
+  return 3 * 4 * (num_features * width + width * width + width)
+
+
+def write_section(path: pathlib.Path, section: str) -> None:
+  """Replaces this script's marked section of ``path``, appending it if absent."""
+  block = f"{START_MARKER}\n{section}\n{END_MARKER}\n"
+  text = path.read_text() if path.exists() else "# Benchmarks\n"
+  pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.S)
+  if pattern.search(text):
+    text = pattern.sub(lambda _: block, text, count=1)  # a function: no escape processing
+  else:
+    text = text.rstrip("\n") + "\n\n" + block
+  path.write_text(text)
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("meshes", ["", "labels:1", "labels:2", "labels:4", "labels:8",
+                               "data:2,labels:4"],
+                    "Meshes to compile for ('' is the one-device path without a mesh).")
+  flags.DEFINE_integer("num_labels", 3_000_000, "Labels L.")
+  flags.DEFINE_integer("fan_in", 64, "Fan-in K of the classifier.")
+  flags.DEFINE_integer("classifier_in", 768, "Width of the encoder and classifier input.")
+  flags.DEFINE_integer("batch", 256, "Points per step.")
+  flags.DEFINE_integer("num_features", 16_384, "Feature vocabulary of the embedding bag.")
+  flags.DEFINE_integer("label_chunk", 4096, "Labels scored at once in the loss.")
+  flags.DEFINE_integer("max_features", 128, "Padded features per point.")
+  flags.DEFINE_integer("max_labels", 32, "Padded labels per point.")
+  flags.DEFINE_integer("devices", 8, "Host (CPU) devices to ask JAX for.")
+  flags.DEFINE_string("output", str(ROOT / "BENCHMARKS.md"),
+                      "Markdown file whose sharded_memory section is written.")
+
+
+def main(argv) -> None:
+  del argv
+  FLAGS = flags.FLAGS
+  jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before any backend starts
+  sizes = dict(num_labels=FLAGS.num_labels, fan_in=FLAGS.fan_in,
+               classifier_in=FLAGS.classifier_in, batch=FLAGS.batch,
+               num_features=FLAGS.num_features, label_chunk=FLAGS.label_chunk,
+               max_features=FLAGS.max_features, max_labels=FLAGS.max_labels)
+  rows = run_benchmark(FLAGS.meshes, **sizes)
+  section = render_section(rows, shlex.join(["python", *sys.argv]), **sizes)
+  print(section)
+  write_section(pathlib.Path(FLAGS.output), section)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(ROOT))  # experiments/ is imported from the repository
+  define_flags()
+  app.run(main)
