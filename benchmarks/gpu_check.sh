@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: versions, the compiled-kernel tests, then the benchmark script.
-# Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_check.sh [tests|sweep|bench]...
-# Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out).
+# Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_check.sh [tests|sweep|profile|bench|xmc]...
+# Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out). XMC_ARGS (a string) holds
+# extra flags of benchmarks/xmc_trainer.py, e.g. XMC_ARGS="--labels 670091 --merge".
 set -uo pipefail
 R=$PWD
 OUT=${OUT:-$R/gpu_out}; mkdir -p "$OUT"
@@ -18,7 +19,14 @@ for step in "${steps[@]}"; do
               --rootdir="$R" "$R/tests/test_kernels_fanin.py" "$R/tests/test_kernels_nm.py" -q 2>&1 \
               | tail -25 | tee "$OUT/tests.txt") ;;
     sweep) python3 benchmarks/kernels.py --nm_sweep --repeats 10 2>&1 | tee "$OUT/nm_sweep.txt" ;;
-    bench) python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench.txt"; cp BENCHMARKS.md "$OUT/" ;;
+    profile) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+             "$NCU" --set default --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+               --section Occupancy --section LaunchStats -k regex:"mask_kernel|dw_kernel" \
+               python3 benchmarks/profile_kernels.py --which nm > "$OUT/ncu_nm.txt" 2>&1
+             tail -5 "$OUT/ncu_nm.txt" ;;
+    bench) python3 benchmarks/kernels.py --max_dense_gib 40 2>&1 | tee "$OUT/bench.txt"; cp BENCHMARKS.md "$OUT/" ;;
+    xmc) read -ra xmc_args <<< "${XMC_ARGS:-}"
+         python3 benchmarks/xmc_trainer.py "${xmc_args[@]}" 2>&1 | tee "$OUT/xmc.txt"; cp BENCHMARKS.md "$OUT/" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

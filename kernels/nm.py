@@ -1,17 +1,21 @@
 """Pallas kernels for unbiased (MVUE) N:M pruning of neural gradients.
 
-Both kernels draw their uniforms in-kernel: group ``g`` gets word ``d`` of
-``threefry2x32(key, (g, 0))``, with ``g`` the group's number in the order of
-``sparsejax.nm_prune`` (group axis moved last). The bits therefore depend on the
+Both kernels draw their uniforms in-kernel with the map of ``sparsejax.mvue``
+(group ``g`` numbered in the order of ``sparsejax.nm_prune``, group axis moved
+last; with one uniform per group, groups ``2 c`` and ``2 c + 1`` share the
+cipher block ``threefry2x32(key, (c, 0))``). The bits therefore depend on the
 key and the group, never on the block sizes, and the kernels run the library's
-own elementwise pieces (``threefry_words``, ``prune_columns``), so they agree
-with ``nm_prune`` bit for bit.
+own elementwise pieces (``group_words``, ``threefry_words``, ``prune_columns``),
+so they agree with ``nm_prune`` bit for bit.
 
 Layout: an array pruned along ``axis`` is viewed, without a copy, as
 ``(R, m, Q)``: ``Q`` is the product of the dims after ``axis``, and view row
 ``r = p * A' + a'`` is group ``a'`` of the ``A' = A / m`` groups of slice ``p``.
 A tile of groups is then ``m`` loads ``ref[:, j, :]``, one per entry of the
-group, and its group numbers are ``(p * Q + q) * A' + a'``.
+group, and its group numbers are ``(p * Q + q) * A' + a'``. When ``A'`` is
+even, view rows ``2 s`` and ``2 s + 1`` hold groups ``2 c`` and ``2 c + 1``:
+the mask kernel then views the array as ``(R / 2, 2 m, Q)`` and runs one
+threefry per pair of groups (single-draw methods), half the integer work.
 
 * ``nm_prune_kernel``: reads dY, writes the pruned dY.
 * ``pruned_weight_grad``: ``dW = X^T prune(dY)`` pruned along the token axis,
@@ -31,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparsejax.mvue import DRAWS, prune_columns, threefry_words, uniform_from_word
+from sparsejax.mvue import DRAWS, group_words, prune_columns, threefry_words, uniform_from_word
 
 __all__ = ["MaskTuning", "DwTuning", "MASK_TUNING", "DW_TUNING", "nm_prune_kernel",
            "pruned_weight_grad"]
@@ -46,17 +50,21 @@ class MaskTuning(NamedTuple):
 
 class DwTuning(NamedTuple):
   """Launch settings of ``pruned_weight_grad``: a (block_in, block_out) tile of dW per
-  program, ``block_groups`` token groups per inner step (``m * block_groups`` tokens)."""
+  program, ``block_groups`` token groups per inner step (``m * block_groups`` tokens),
+  and the tokens split into ``splits`` ranges whose partial dW are summed afterwards
+  (more programs than SMs when in x out alone gives too few tiles)."""
   block_in: int = 64
   block_out: int = 64
   block_groups: int = 16
   num_warps: int = 4
   num_stages: int = 2
+  splits: int = 1
 
 
 # The fastest of ``python benchmarks/kernels.py --nm_sweep`` on an H100 (BENCHMARKS.md).
-MASK_TUNING = MaskTuning(groups_per_program=512, num_warps=16, num_stages=2)
-DW_TUNING = DwTuning(block_in=256, block_out=32, block_groups=16, num_warps=4, num_stages=2)
+MASK_TUNING = MaskTuning(groups_per_program=1024, num_warps=8, num_stages=2)
+DW_TUNING = DwTuning(block_in=256, block_out=64, block_groups=16, num_warps=4, num_stages=2,
+                     splits=8)
 
 
 def _view(shape, axis: int, m: int):
@@ -66,24 +74,31 @@ def _view(shape, axis: int, m: int):
 
 
 def _uniforms(key_ref, group, draws: int):
-  words = threefry_words((key_ref[0], key_ref[1]), group,
-                         jnp.zeros(group.shape, jnp.uint32))
-  return [uniform_from_word(w) for w in words[:draws]]
+  return [uniform_from_word(w) for w in group_words((key_ref[0], key_ref[1]), group, draws)]
 
 
-def _mask_kernel(key_ref, x_ref, out_ref, *, method: str, rows: int, cols: int,
-                 per_slice: int):
-  block_rows, m, block_cols = x_ref.shape
+def _mask_kernel(key_ref, x_ref, out_ref, *, method: str, m: int, rows: int, cols: int,
+                 per_slice: int, paired: bool):
+  block_rows, _, block_cols = x_ref.shape
   r = pl.program_id(0) * block_rows + jnp.arange(block_rows)[:, None]
   q = pl.program_id(1) * block_cols + jnp.arange(block_cols)[None, :]
   valid = (r < rows) & (q < cols)  # the Triton lowering neither clips nor masks ragged blocks
   r, q = r.astype(jnp.uint32), q.astype(jnp.uint32)  # group numbers go up to 2^32 - 1
-  group = ((r // per_slice) * cols + q) * per_slice + r % per_slice
-  u = _uniforms(key_ref, group, DRAWS[method, m // 2, m])
-  entries = [plgpu.load(x_ref.at[:, np.int32(j), :], mask=valid, other=0).astype(jnp.float32)
-             for j in range(m)]
-  for j, pruned in enumerate(prune_columns(entries, u, method=method)):
-    plgpu.store(out_ref.at[:, np.int32(j), :], pruned.astype(out_ref.dtype), mask=valid)
+  if paired:
+    # View row r holds groups 2c and 2c + 1 (entries j and m + j): one cipher block for both.
+    first = ((2 * r // per_slice) * cols + q) * per_slice + 2 * r % per_slice
+    words = threefry_words((key_ref[0], key_ref[1]), first >> np.uint32(1),
+                           jnp.zeros(first.shape, jnp.uint32))
+    tiles = [(0, [uniform_from_word(words[0])]), (m, [uniform_from_word(words[1])])]
+  else:
+    group = ((r // per_slice) * cols + q) * per_slice + r % per_slice
+    tiles = [(0, _uniforms(key_ref, group, DRAWS[method, m // 2, m]))]
+  for offset, u in tiles:
+    entries = [plgpu.load(x_ref.at[:, np.int32(offset + j), :], mask=valid, other=0)
+               .astype(jnp.float32) for j in range(m)]
+    for j, pruned in enumerate(prune_columns(entries, u, method=method)):
+      plgpu.store(out_ref.at[:, np.int32(offset + j), :], pruned.astype(out_ref.dtype),
+                  mask=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "method", "axis", "interpret", "tuning"))
@@ -101,12 +116,16 @@ def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: b
     The pruned array, shape and dtype of ``x``; the arithmetic runs in float32.
   """
   view, per_slice = _view(x.shape, axis, m)
-  rows, _, cols = view
+  paired = DRAWS[method, m // 2, m] == 1 and per_slice % 2 == 0
+  if paired:  # two groups per view row (see the module docstring)
+    view = (view[0] // 2, 2 * m, view[2])
+  rows, width, cols = view
   block_cols = min(pl.next_power_of_2(cols), 256)
-  block_rows = min(pl.next_power_of_2(rows), max(1, tuning.groups_per_program // block_cols))
-  kernel = functools.partial(_mask_kernel, method=method, rows=rows, cols=cols,
-                             per_slice=per_slice)
-  block = pl.BlockSpec((block_rows, m, block_cols), lambda i, j: (i, 0, j))
+  block_rows = min(pl.next_power_of_2(rows),
+                   max(1, tuning.groups_per_program // (block_cols * (2 if paired else 1))))
+  kernel = functools.partial(_mask_kernel, method=method, m=m, rows=rows, cols=cols,
+                             per_slice=per_slice, paired=paired)
+  block = pl.BlockSpec((block_rows, width, block_cols), lambda i, j: (i, 0, j))
   out = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(rows, block_rows), pl.cdiv(cols, block_cols)),
@@ -121,11 +140,12 @@ def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: b
 
 
 def _dw_kernel(key_ref, x_ref, g_ref, dw_ref, *, method: str, groups: int, ins: int,
-               outs: int, block_groups: int):
+               outs: int, block_groups: int, steps_per_split: int):
   block_in, block_out = dw_ref.shape
   m = g_ref.shape[1]
   # program_id outside the loop: interpret mode cannot evaluate it inside one.
   in_start, out_start = pl.program_id(0) * block_in, pl.program_id(1) * block_out
+  first_step = pl.program_id(2) * steps_per_split
   cols_in, cols_out = in_start + jnp.arange(block_in), out_start + jnp.arange(block_out)
   in_ok, out_ok = cols_in < ins, cols_out < outs
   draws = DRAWS[method, m // 2, m]
@@ -149,7 +169,8 @@ def _dw_kernel(key_ref, x_ref, g_ref, dw_ref, *, method: str, groups: int, ins: 
                        allow_tf32=False)
     return acc
 
-  acc = jax.lax.fori_loop(0, pl.cdiv(groups, block_groups), step,
+  last_step = jnp.minimum(first_step + steps_per_split, pl.cdiv(groups, block_groups))
+  acc = jax.lax.fori_loop(first_step, last_step, step,
                           jnp.zeros((block_in, block_out), jnp.float32))
   plgpu.store(dw_ref, acc.astype(dw_ref.dtype), mask=in_ok[:, None] & out_ok[None, :])
 
@@ -173,16 +194,20 @@ def pruned_weight_grad(x, g, key_data, *, m: int, method: str, interpret: bool =
   groups = tokens // m
   block_in = min(tuning.block_in, max(16, pl.next_power_of_2(ins)))
   block_out = min(tuning.block_out, max(16, pl.next_power_of_2(outs)))
+  steps = pl.cdiv(groups, tuning.block_groups)
+  splits = max(1, min(tuning.splits, steps))
+  steps_per_split = pl.cdiv(steps, splits)
   kernel = functools.partial(_dw_kernel, method=method, groups=groups, ins=ins, outs=outs,
-                             block_groups=tuning.block_groups)
-  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
-  return pl.pallas_call(
+                             block_groups=tuning.block_groups, steps_per_split=steps_per_split)
+  whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
+  partial = pl.pallas_call(
       kernel,
-      grid=(pl.cdiv(ins, block_in), pl.cdiv(outs, block_out)),
+      grid=(pl.cdiv(ins, block_in), pl.cdiv(outs, block_out), pl.cdiv(steps, steps_per_split)),
       in_specs=[whole((2,)), whole((groups, m, ins)), whole((groups, m, outs))],
-      out_specs=pl.BlockSpec((block_in, block_out), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((ins, outs), jnp.float32),
+      out_specs=pl.BlockSpec((None, block_in, block_out), lambda i, j, p: (p, i, j)),
+      out_shape=jax.ShapeDtypeStruct((pl.cdiv(steps, steps_per_split), ins, outs), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
                                            num_stages=tuning.num_stages),
       interpret=interpret,
   )(key_data, x.reshape(groups, m, ins), g.reshape(groups, m, outs))
+  return partial[0] if partial.shape[0] == 1 else partial.sum(axis=0)

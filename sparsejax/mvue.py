@@ -20,12 +20,15 @@ them so that ``E[out] = x``:
   higher variance.
 * ``"greedy"``: keep the ``n`` largest ``|x|`` unscaled (biased baseline).
 
-Randomness: group ``g`` (groups numbered in the order of ``x`` with the group
-axis moved last) draws its uniforms from ``threefry2x32(key, (g, 0))``, one
-32-bit word per uniform. The result therefore depends only on the key and the
-group's position, not on how the work is split, which lets a fused kernel
-reproduce it bit for bit (``threefry_words`` and ``prune_columns`` are the
-elementwise pieces that kernels share).
+Randomness: groups are numbered in the order of ``x`` with the group axis moved
+last. A method with one uniform per group (1:2, 2:4 ``"mvue"``) gives groups
+``2 c`` and ``2 c + 1`` the two words of ``threefry2x32(key, (c, 0))``; one with
+two (``"mvue_approx"``) gives group ``g`` both words of ``threefry2x32(key, (g,
+0))``. One block of the cipher thus serves two uniforms, never fewer, and the
+result depends only on the key and the group's position, not on how the work is
+split, which lets a fused kernel reproduce it bit for bit (``group_words``,
+``threefry_words`` and ``prune_columns`` are the elementwise pieces that kernels
+share).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from sparsejax import _checks
 from sparsejax.nm import _check_nm, from_groups, nm_mask, to_groups
 
 __all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "prune_columns", "group_uniforms",
-           "threefry_words", "uniform_from_word"]
+           "group_words", "threefry_words", "uniform_from_word"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
 # Uniforms per group of each random (method, n, m).
@@ -102,8 +105,26 @@ def uniform_from_word(word: jax.Array) -> jax.Array:
   return (word >> np.uint32(9)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-23)
 
 
+def group_words(key_words: tuple, group: jax.Array, draws: int) -> list:
+  """The random words of each group, elementwise (the map of the module docstring).
+
+  Arguments:
+    key_words: the key's two uint32 words (scalars).
+    group: uint32 array of group numbers.
+    draws: words per group, 1 or 2.
+
+  Returns:
+    ``draws`` uint32 arrays of ``group``'s shape. With one draw, groups ``2 c``
+    and ``2 c + 1`` get words 0 and 1 of ``threefry2x32(key, (c, 0))``.
+  """
+  if draws == 1:
+    w0, w1 = threefry_words(key_words, group >> np.uint32(1), jnp.zeros(group.shape, jnp.uint32))
+    return [jnp.where((group & np.uint32(1)) == 0, w0, w1)]
+  return list(threefry_words(key_words, group, jnp.zeros(group.shape, jnp.uint32)))
+
+
 def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
-  """Uniforms in ``[0, 1)`` for each group: ``threefry2x32(key, (g, 0))``, word ``d``.
+  """Uniforms in ``[0, 1)`` for each group, from ``group_words``.
 
   Arguments:
     key: a threefry2x32 PRNG key.
@@ -116,9 +137,8 @@ def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
   if num_groups >= 2**32:
     raise ValueError(f"at most 2^32 - 1 groups per call, got {num_groups}")
   key = _key_data(key)
-  words = threefry_words((key[0], key[1]), jnp.arange(num_groups, dtype=jnp.uint32),
-                         jnp.zeros(num_groups, jnp.uint32))
-  return jnp.stack([uniform_from_word(w) for w in words[:draws]], axis=-1)
+  words = group_words((key[0], key[1]), jnp.arange(num_groups, dtype=jnp.uint32), draws)
+  return jnp.stack([uniform_from_word(w) for w in words], axis=-1)
 
 
 def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, method: str,

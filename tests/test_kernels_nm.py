@@ -81,16 +81,19 @@ def test_mask_kernel_is_unbiased(n, m, method):
   assert kept.max() == n and kept.min() == n  # no zero entries in x: exactly n per group
 
 
-@pytest.mark.parametrize("n, m, method, dtype, tokens, ins, outs", [
-    *[(*nmm, jnp.float32, 64, 32, 48) for nmm in _RANDOM],  # several blocks in every dim
-    (2, 4, "mvue", jnp.bfloat16, 36, 20, 33),  # ragged tokens, inputs and outputs
-    (1, 2, "mvue", jnp.float32, 2, 1, 1),  # one token group, one input, one output
-    (2, 4, "mvue_approx", jnp.bfloat16, 8, 17, 16)])
-def test_fused_weight_grad_matches_float64_reference(n, m, method, dtype, tokens, ins, outs):
+@pytest.mark.parametrize("n, m, method, dtype, tokens, ins, outs, splits", [
+    *[(*nmm, jnp.float32, 64, 32, 48, 1) for nmm in _RANDOM],  # several blocks in every dim
+    (2, 4, "mvue", jnp.bfloat16, 36, 20, 33, 1),  # ragged tokens, inputs and outputs
+    (1, 2, "mvue", jnp.float32, 2, 1, 1, 4),  # one token group, one input, one output
+    (2, 4, "mvue_approx", jnp.bfloat16, 8, 17, 16, 1),
+    (1, 2, "mvue", jnp.float32, 200, 32, 48, 3),  # 7 token steps in 3 ranges: a ragged last one
+    (2, 4, "mvue", jnp.bfloat16, 256, 20, 33, 2)])
+def test_fused_weight_grad_matches_float64_reference(n, m, method, dtype, tokens, ins, outs,
+                                                     splits):
   x, g = _x((tokens, ins), dtype, 1), _x((tokens, outs), dtype, 2)
   key = jax.random.key(int(np.random.default_rng(_ENTROPY).integers(2**31)))
   dw = nm.pruned_weight_grad(x, g, _key_data(key), m=m, method=method, interpret=_INTERPRET,
-                             tuning=_SMALL_DW)
+                             tuning=_SMALL_DW._replace(splits=splits))
   assert dw.shape == (ins, outs) and dw.dtype == jnp.float32
   pruned = np.asarray(sj.nm_prune(g, key, n=n, m=m, method=method, axis=0), np.float64)
   ref = np.asarray(x, np.float64).T @ pruned

@@ -212,6 +212,19 @@ def test_uniforms_are_a_function_of_key_and_group_index_only():
   assert abs(np.corrcoef(np.asarray(u).T)[0, 1]) < 0.15
 
 
+def test_single_draw_groups_share_a_cipher_block_in_pairs():
+  # Groups 2c and 2c + 1 take words 0 and 1 of threefry2x32(key, (c, 0)); the last
+  # (odd-count) group takes word 0 of its block.
+  from jax.extend.random import threefry_2x32
+  key = jax.random.key(11)
+  u = np.asarray(group_uniforms(key, 7, 1))[:, 0]
+  words = np.asarray(threefry_2x32(jax.random.key_data(key),
+                                   jnp.concatenate([jnp.arange(4, dtype=jnp.uint32),
+                                                    jnp.zeros(4, jnp.uint32)])))
+  expected = np.stack([words[:4], words[4:]], axis=1).reshape(-1)[:7] >> 9
+  np.testing.assert_array_equal(u, expected.astype(np.float32) * np.float32(2.0**-23))
+
+
 def test_greedy_keeps_the_largest_unscaled():
   x = jnp.array([[1.0, -5.0, 3.0, 2.0, 0.0, 0.0, -1.0, 4.0]])
   np.testing.assert_array_equal(sj.nm_prune(x, n=2, m=4, method="greedy"),

@@ -1,0 +1,424 @@
+"""Peak memory and step time of the XMC trainer: dense vs fixed fan-in, XLA vs Pallas.
+
+For each label count L and each variant (``dense``, ``k64-xla``, ``k64-pallas``,
+``k128-xla``, ``k128-pallas``; any ``k<K>-<impl>`` works), a fresh Python process
+builds the trainer's model and optimizer (``experiments.xmc.train.build``) on
+synthetic data (``sparsejax.data.synthetic_xmc``, 20 batches of points),
+compiles its train step ahead of time (``make_train_step``: squared hinge loss
+summed over label chunks, Adam, SET rewiring of a fixed fan-in classifier, both
+states donated) and runs it: warm-up steps, then timed steps, each waited for
+with ``block_until_ready``. ``SPARSEJAX_KERNELS`` in the child's environment
+picks the fixed fan-in implementation. One process per variant, so that the
+peak memory (``memory_stats()["peak_bytes_in_use"]`` on GPU, the peak RSS on
+CPU) is that variant's alone; the parent never imports JAX, so it holds no
+device memory. Pallas variants are skipped on CPU: interpret mode is a
+correctness tool, far too slow at these sizes.
+
+SET rewires on updates t = interval, 2 interval, ...; timed steps that rewire
+are reported apart ("SET step ms") from the others ("step ms", the median;
+samples/s = batch / that median).
+
+A variant that fails (out of memory, compile error, past ``--timeout``) becomes
+a table row with the reason; one that times out keeps the figures of the steps
+it finished. The table goes to stdout and to the ``xmc_trainer`` section of
+BENCHMARKS.md, rewritten after every variant so that an interrupted run leaves
+what it measured. ``--merge`` keeps the section's rows of (L, variant) pairs
+that this run does not measure, so a long sweep can be split over commands.
+
+Run from the repository root:
+
+  python benchmarks/xmc_trainer.py   # the issue's table (GPU)
+  python benchmarks/xmc_trainer.py --labels 100000 --variants dense,k64-xla --steps 3 \\
+      --output /tmp/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+START_MARKER = "<!-- xmc_trainer:start -->"
+END_MARKER = "<!-- xmc_trainer:end -->"
+ROWS_PREFIX = "<!-- xmc_trainer rows: "  # the rows as JSON, read back by --merge
+RESULT_PREFIX = "XMC_RESULT "  # marks the child's result lines on its stdout
+PALLAS_ON_CPU = "pallas needs a GPU (interpret mode is for tests)"
+MIB = 2**20
+
+# The model: the classifier reads 768 features, as in benchmarks/kernels.py.
+MODEL = dict(embed_dim=256, hidden_layers=1, intermediate=768, loss="squared_hinge", aux=False)
+TRAIN_BATCHES = 20  # points = 20 batches: quick to generate even at 3M labels
+TOTAL_STEPS = 1000  # schedule length: SET's end step (660) lies past every timed step
+
+
+def parse_variant(name: str) -> tuple[int, str]:
+  """``"dense"`` -> ``(0, "xla")``, ``"k64-pallas"`` -> ``(64, "pallas")``."""
+  if name == "dense":
+    return 0, "xla"
+  match = re.fullmatch(r"k(\d+)-(xla|pallas)", name)
+  if not match or int(match[1]) < 1:
+    raise ValueError(f"a variant is 'dense' or 'k<K>-xla' / 'k<K>-pallas', got {name!r}")
+  return int(match[1]), match[2]
+
+
+# ---------------------------------------------------------------- child process
+
+
+def _one_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _report(result: dict) -> None:
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def measure(spec: dict) -> None:
+  """Measures one variant in this process; prints a result line after each stage.
+
+  Arguments:
+    spec: ``labels``, ``variant``, ``warmup``, ``steps``, ``batch_size``,
+      ``label_chunk``, ``set_interval``.
+
+  The last line printed holds everything measured so far, so a parent that
+  kills this process at its timeout still gets the finished steps.
+  """
+  # Imported here: the parent process must not initialise JAX (it would hold device memory).
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from experiments.xmc import train
+  from sparsejax.data.xmc import batches
+  from sparsejax.dispatch import resolve_impl
+
+  fan_in, impl = parse_variant(spec["variant"])
+  device = jax.devices()[0]
+  versions = f"Python {platform.python_version()}, jax {jax.__version__}"
+  try:
+    import triton
+    versions += f", triton {triton.__version__}"
+  except ImportError:
+    pass
+  result = dict(spec, fan_in=fan_in, impl=impl, device=f"{device.device_kind} "
+                f"({jax.default_backend()})", host=platform.platform(), versions=versions,
+                cpus=os.cpu_count(), plain_s=[], set_s=[], done=False)
+  if impl == "pallas" and jax.default_backend() != "gpu":
+    _report(dict(result, skipped=PALLAS_ON_CPU, done=True))
+    return
+  try:
+    if fan_in and resolve_impl() != impl:  # SPARSEJAX_KERNELS must select what the row says
+      raise RuntimeError(f"SPARSEJAX_KERNELS gives {resolve_impl()!r}, expected {impl!r}")
+    config = train.Config(num_train=TRAIN_BATCHES * spec["batch_size"], num_test=0,
+                          num_labels=spec["labels"], fan_in=fan_in,
+                          batch_size=spec["batch_size"], label_chunk=spec["label_chunk"],
+                          set_interval=spec["set_interval"], **MODEL)
+    data, _ = train.load_data(config)
+    model, optimizer = train.build(config, data.num_features, data.num_labels, TOTAL_STEPS)
+    result["classifier_params"] = int(sum(
+        x.size for x in jax.tree.leaves(nnx.state(model.classifier, nnx.Param))))
+    model_def, model_state = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    step_fn = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0)
+    del model, optimizer  # their arrays are the states', which the steps donate
+    device_batches = [jax.device_put(b) for b in batches(data, batch_size=config.batch_size,
+                                                         seed=0, epoch=0)]
+    no_aux = (None, np.float32(0))  # no cluster head: the step takes None and a zero weight
+    start = time.perf_counter()
+    compiled = step_fn.lower(model_state, opt_state, device_batches[0], *no_aux).compile()
+    result["compile_s"] = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    if stats is not None:
+      result["compiled"] = dict(argument=stats.argument_size_in_bytes,
+                                temp=stats.temp_size_in_bytes, output=stats.output_size_in_bytes,
+                                alias=stats.alias_size_in_bytes)
+
+    def peak() -> tuple[int, str]:
+      memory = device.memory_stats()
+      if memory and "peak_bytes_in_use" in memory:
+        return int(memory["peak_bytes_in_use"]), "device"
+      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+
+    result["setup_peak_bytes"] = peak()[0]  # model, optimizer, data and compilation
+    _report(result)
+    for i in range(spec["warmup"] + spec["steps"]):
+      batch = device_batches[i % len(device_batches)]
+      start = time.perf_counter()
+      model_state, opt_state, losses = compiled(model_state, opt_state, batch, *no_aux)
+      jax.block_until_ready((model_state, opt_state, losses))
+      seconds = time.perf_counter() - start
+      rewired = bool(fan_in) and (i + 1) % config.set_interval == 0  # update t = i + 1
+      print(f"{spec['variant']} L={spec['labels']}: step {i} {seconds * 1e3:.1f} ms"
+            + (" (SET)" if rewired else "") + ("" if i >= spec["warmup"] else " (warm-up)"),
+            file=sys.stderr, flush=True)
+      if i >= spec["warmup"]:
+        result["set_s" if rewired else "plain_s"].append(seconds)
+      result["peak_bytes"], result["peak_kind"] = peak()
+      result["loss"] = float(losses[0])
+      _report(result)
+    memory = device.memory_stats()
+    if memory and "bytes_in_use" in memory:
+      result["in_use_bytes"] = int(memory["bytes_in_use"])  # the states, data and executable
+    _report(dict(result, done=True))
+  except Exception as error:  # reported as the variant's row; the traceback goes to the log
+    traceback.print_exc()
+    _report(dict(result, error=_one_line(error), done=True))
+
+
+# ---------------------------------------------------------------- parent process
+
+
+def _pump(stream, sink, keep: collections.deque) -> None:
+  """Copies ``stream`` line by line to ``sink`` (None: nowhere), keeping the last lines."""
+  for line in stream:
+    keep.append(line)
+    if sink is not None:
+      sink.write(line)
+      sink.flush()
+
+
+def run_variant(spec: dict, timeout: float) -> dict:
+  """Runs ``measure(spec)`` in a fresh process; returns its last result, or why it failed.
+
+  The child's stderr (progress, tracebacks) is copied to ours as it comes.
+  """
+  _, impl = parse_variant(spec["variant"])
+  env = dict(os.environ, SPARSEJAX_KERNELS=impl)
+  # experiments/ is imported from the repository root. Appended: a sparsejax put earlier on
+  # PYTHONPATH (benchmarks/gpu_check.sh's copy with the kernels) must stay the one imported.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
+  # A training run would have most of the GPU; JAX's default pool is 75 % of it.
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_child", json.dumps(spec)]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=ROOT)
+  out, err = collections.deque(), collections.deque(maxlen=20)
+  pumps = [threading.Thread(target=_pump, args=(process.stdout, None, out)),
+           threading.Thread(target=_pump, args=(process.stderr, sys.stderr, err))]
+  for pump in pumps:
+    pump.start()
+  try:
+    process.wait(timeout=timeout)
+    failure = None
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+    failure = f"timed out after {timeout:g} s"
+  for pump in pumps:
+    pump.join()
+  results = [json.loads(line[len(RESULT_PREFIX):]) for line in out
+             if line.startswith(RESULT_PREFIX)]
+  result = results[-1] if results else dict(spec)
+  if failure is None and process.returncode != 0 and "error" not in result:
+    code = process.returncode
+    why = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+    last = next((line.strip() for line in reversed(err) if line.strip()), "")
+    failure = f"{why}: {last}"[:300]
+  if failure:
+    result["error"] = failure
+  return result
+
+
+def _ms(seconds: list[float]) -> str:
+  return f"{statistics.median(seconds) * 1e3:,.1f}" if seconds else "-"
+
+
+def _mib(n) -> str:
+  return "-" if n is None else f"{n / MIB:,.0f}"
+
+
+def _note(row: dict) -> str:
+  if "skipped" in row:
+    return row["skipped"]
+  timed = len(row.get("plain_s", [])) + len(row.get("set_s", []))
+  parts = []
+  if timed:
+    parts.append(f"{timed} timed" + (f" ({len(row['set_s'])} SET)" if row["fan_in"] else ""))
+  if row.get("error"):
+    parts.append(row["error"])
+  elif row.get("peak_kind") == "device" and row.get("peak_bytes") == row.get("setup_peak_bytes"):
+    parts.append("peak reached before the first step")
+  if "loss" in row and not math.isfinite(row["loss"]):
+    parts.append(f"loss {row['loss']}")
+  return "; ".join(parts).replace("|", "/")
+
+
+def format_table(rows: list[dict]) -> str:
+  """The markdown table of ``rows`` (results of ``run_variant``)."""
+  runs = _runs(rows)
+  lines = ["| L | model | impl | K | classifier params | step ms | SET step ms | samples/s "
+           "| peak MiB | compiled args MiB | temp MiB | out MiB | compile s | note |"
+           + (" run |" if len(runs) > 1 else ""),
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+           + ("---:|" if len(runs) > 1 else "")]
+  for row in rows:
+    fan_in, impl = parse_variant(row["variant"])
+    plain = row.get("plain_s", [])
+    compiled = row.get("compiled", {})
+    peak = _mib(row.get("peak_bytes"))
+    if row.get("peak_kind") == "RSS":
+      peak += " RSS"
+    cells = [f"{row['labels']:,}", "fixed fan-in" if fan_in else "dense",
+             impl if fan_in else "-", str(fan_in or "-"),
+             f"{row['classifier_params']:,}" if "classifier_params" in row else "-",
+             _ms(plain), _ms(row.get("set_s", [])),
+             f"{row['batch_size'] / statistics.median(plain):,.0f}" if plain else "-",
+             peak, _mib(compiled.get("argument")), _mib(compiled.get("temp")),
+             _mib(compiled.get("output")),
+             f"{row['compile_s']:.1f}" if "compile_s" in row else "-", _note(row)]
+    if len(runs) > 1:
+      cells.append(str(runs.index(_run_of(row)) + 1))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _run_of(row: dict) -> tuple:
+  return row["command"], row["date"]
+
+
+def _runs(rows: list[dict]) -> list[tuple]:
+  """The distinct (command, date) of ``rows``, in order of appearance."""
+  return list(dict.fromkeys(_run_of(row) for row in rows))
+
+
+def render_section(rows: list[dict]) -> str:
+  """The BENCHMARKS.md section (without markers): setup, runs, table and the rows as JSON."""
+  measured = next((row for row in rows if "device" in row), {})
+  batch = measured.get("batch_size", "?")
+  run_lines = []
+  for number, (command, date) in enumerate(_runs(rows), 1):
+    row = next(r for r in rows if _run_of(r) == (command, date))
+    label = f"Run {number}" if len(_runs(rows)) > 1 else "Run"
+    run_lines.append(f"- {label}: `{command}`, {date}; device {row.get('device', '?')}, "
+                     f"{row.get('cpus', '?')} host CPUs, {row.get('host', '?')}; "
+                     f"{row.get('versions', '?')}")
+  data = json.dumps(rows, separators=(",", ":")).replace(">", "\\u003e")  # no "-->" inside
+  return "\n".join([
+      "## XMC trainer: peak memory and step time, dense vs fixed fan-in", "",
+      "`experiments/xmc/train.py`'s train step on synthetic data "
+      f"({TRAIN_BATCHES} batches of points, 16,384 features): embedding bag of width "
+      f"{MODEL['embed_dim']}, {MODEL['hidden_layers']} residual MLP block, a linear "
+      f"intermediate layer of {MODEL['intermediate']}, then a dense or fixed fan-in "
+      f"classifier over L labels; batch {batch}, squared hinge loss summed over label "
+      f"chunks of {measured.get('label_chunk', '?')}, Adam, SET every "
+      f"{measured.get('set_interval', '?')} updates for the fixed fan-in classifier, "
+      "states donated. Each variant ran in its own process with `SPARSEJAX_KERNELS` set "
+      "to its impl, compiled ahead of time (compile s), then "
+      f"{measured.get('warmup', '?')} warm-up steps and the timed ones, each waited for. "
+      "Step ms: median of the timed steps that do not rewire; SET step ms: median of "
+      "those that do; samples/s = batch / step ms. Peak MiB: the device allocator's peak "
+      "in that process (model, optimizer, data and steps; the note says when the "
+      "steps did not raise it) or, marked RSS, the process's peak resident memory on "
+      "CPU. Compiled MiB: XLA's memory analysis of the step (donated states are in "
+      "both args and out).", "",
+      *run_lines, "",
+      format_table(rows), "",
+      f"{ROWS_PREFIX}{data} -->"])
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  """The rows stored in ``path``'s section (none when absent)."""
+  text = path.read_text() if path.exists() else ""
+  match = re.search(re.escape(ROWS_PREFIX) + r"(.*?) -->", text)
+  return json.loads(match[1]) if match else []
+
+
+def write_section(path: pathlib.Path, section: str) -> None:
+  """Replaces this script's marked section of ``path``, appending it if absent."""
+  text = path.read_text() if path.exists() else "# Benchmarks\n"
+  block = f"{START_MARKER}\n{section}\n{END_MARKER}"
+  if START_MARKER in text:
+    before, rest = text.split(START_MARKER, 1)
+    text = before + block + rest.split(END_MARKER, 1)[1]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  path.write_text(text)
+
+
+def _order(row: dict) -> tuple:
+  fan_in, impl = parse_variant(row["variant"])
+  return row["labels"], fan_in, impl == "pallas"
+
+
+def run(labels: list[int], variants: list[str], *, steps: int, xla_steps: int, warmup: int,
+        batch_size: int, label_chunk: int, set_interval: int, timeout: float, command: str,
+        output: pathlib.Path | None, merge: bool) -> list[dict]:
+  """Measures every (L, variant) in its own process; returns the rows, writing as it goes."""
+  for name in variants:
+    parse_variant(name)  # fail on a typo before any child starts
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  kept = read_rows(output) if output and merge else []
+  rows = []
+  for num_labels in labels:
+    for name in variants:
+      fan_in, impl = parse_variant(name)
+      spec = dict(labels=num_labels, variant=name, warmup=warmup,
+                  steps=xla_steps if fan_in and impl == "xla" else steps,
+                  batch_size=batch_size, label_chunk=label_chunk, set_interval=set_interval)
+      print(f"--- L={num_labels:,} {name}", file=sys.stderr, flush=True)
+      rows.append(dict(run_variant(spec, timeout), command=command, date=date))
+      print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+      if output:
+        done = {(r["labels"], r["variant"]) for r in rows}
+        table = sorted([r for r in kept if (r["labels"], r["variant"]) not in done] + rows,
+                       key=_order)
+        write_section(output, render_section(table))
+  return rows
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("labels", ["670091", "3000000"], "label counts L")
+  flags.DEFINE_list("variants", ["dense", "k64-xla", "k64-pallas", "k128-xla", "k128-pallas"],
+                    "'dense' or 'k<K>-xla' / 'k<K>-pallas' (fixed fan-in K, SPARSEJAX_KERNELS)")
+  flags.DEFINE_integer("steps", 10, "timed steps of the dense and Pallas variants")
+  flags.DEFINE_integer("xla_steps", 3, "timed steps of the XLA fixed fan-in variants (slow on GPU)")
+  flags.DEFINE_integer("warmup", 2, "untimed steps before the timed ones")
+  flags.DEFINE_integer("batch_size", 256, "points per step")
+  flags.DEFINE_integer("label_chunk", 4096, "labels scored at once in the loss")
+  flags.DEFINE_integer("set_interval", 5, "SET rewires every this many updates; with the "
+                       "defaults both timed windows hold SET steps")
+  flags.DEFINE_float("timeout", 300, "seconds per variant (its process) before it is killed")
+  flags.DEFINE_string("output", str(ROOT / "BENCHMARKS.md"),
+                      "file whose xmc_trainer section is rewritten")
+  flags.DEFINE_bool("no_write", False, "print the table only")
+  flags.DEFINE_bool("merge", False, "keep the section's rows of (L, variant) pairs not measured "
+                    "in this run")
+  flags.DEFINE_string("_child", "", "internal: measure one variant (JSON spec) in this process")
+
+
+def main(argv) -> None:
+  del argv
+  FLAGS = flags.FLAGS
+  if FLAGS._child:
+    measure(json.loads(FLAGS._child))
+    return
+  command = shlex.join(["python", "benchmarks/xmc_trainer.py", *sys.argv[1:]])
+  rows = run([int(n) for n in FLAGS.labels], FLAGS.variants, steps=FLAGS.steps,
+             xla_steps=FLAGS.xla_steps, warmup=FLAGS.warmup, batch_size=FLAGS.batch_size,
+             label_chunk=FLAGS.label_chunk, set_interval=FLAGS.set_interval,
+             timeout=FLAGS.timeout, command=command,
+             output=None if FLAGS.no_write else pathlib.Path(FLAGS.output), merge=FLAGS.merge)
+  print()
+  print(format_table(rows))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
