@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sparsejax._vma import kernel_out_shape
+
 __all__ = ["Tuning", "fanin_forward", "fanin_dvalues", "fanin_dx", "fanin_dx_sorted",
            "sort_topology", "FORWARD_TUNING", "DVALUES_TUNING", "DX_TUNING", "DX_CHUNK"]
 
@@ -112,16 +114,18 @@ def fanin_forward(x, values, indices, *, interpret: bool = False,
   rows, cols = _blocks(out, batch, tuning.block_rows, tuning.block_batch)
   x = _pad_rows(x, cols)
   kernel = functools.partial(_forward_kernel, out=out, fan_in=fan_in)
+  out_shape, operands = kernel_out_shape((x.T, values.reshape(-1), indices.reshape(-1)),
+                                         (x.shape[0], out), jnp.result_type(x, values))
   y = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(out, rows), x.shape[0] // cols),
       in_specs=[pl.BlockSpec((in_features, cols), lambda i, j: (0, j)),
                 _flat_spec(out * fan_in, 2), _flat_spec(out * fan_in, 2)],
       out_specs=pl.BlockSpec((cols, rows), lambda i, j: (j, i)),
-      out_shape=jax.ShapeDtypeStruct((x.shape[0], out), jnp.result_type(x, values)),
+      out_shape=out_shape,
       compiler_params=_compiler_params(tuning),
       interpret=interpret,
-  )(x.T, values.reshape(-1), indices.reshape(-1))
+  )(*operands)
   return y[:batch]
 
 
@@ -163,6 +167,7 @@ def fanin_dvalues(x, g, indices, *, values_dtype, interpret: bool = False,
   x, g = _pad_rows(x, cols), _pad_rows(g, cols)  # zero rows of g add nothing
   kernel = functools.partial(_dvalues_kernel, out=out, fan_in=fan_in, block_batch=cols)
   size = (out + rows) * fan_in  # a scratch tail for the ragged block's spare rows
+  out_shape, operands = kernel_out_shape((x.T, g, indices.reshape(-1)), (size,), jnp.float32)
   flat = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(out, rows),),
@@ -170,10 +175,10 @@ def fanin_dvalues(x, g, indices, *, values_dtype, interpret: bool = False,
                 pl.BlockSpec((x.shape[0], rows), lambda i: (0, i)),
                 _flat_spec(out * fan_in, 1)],
       out_specs=_flat_spec(size, 1),
-      out_shape=jax.ShapeDtypeStruct((size,), jnp.float32),
+      out_shape=out_shape,
       compiler_params=_compiler_params(tuning),
       interpret=interpret,
-  )(x.T, g, indices.reshape(-1))
+  )(*operands)
   return flat[:out * fan_in].reshape(out, fan_in).astype(values_dtype)
 
 
@@ -236,6 +241,8 @@ def fanin_dx_sorted(g, values, order, col_ptr, *, interpret: bool = False,
   _, cols = _blocks(out, batch, tuning.block_rows, tuning.block_batch)
   g = _pad_rows(g, cols)
   kernel = functools.partial(_dx_sorted_kernel, fan_in=fan_in, chunk=chunk)
+  out_shape, operands = kernel_out_shape((g.T, values.reshape(-1), order, col_ptr),
+                                         (in_features, g.shape[0]), jnp.float32)
   dxt = pl.pallas_call(
       kernel,
       grid=(in_features, g.shape[0] // cols),
@@ -243,8 +250,8 @@ def fanin_dx_sorted(g, values, order, col_ptr, *, interpret: bool = False,
                 _flat_spec(out * fan_in, 2), _flat_spec(out * fan_in, 2),
                 _flat_spec(in_features + 1, 2)],
       out_specs=pl.BlockSpec((1, cols), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((in_features, g.shape[0]), jnp.float32),
+      out_shape=out_shape,
       compiler_params=_compiler_params(tuning),
       interpret=interpret,
-  )(g.T, values.reshape(-1), order, col_ptr)
+  )(*operands)
   return dxt.T[:batch]

@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sparsejax._vma import kernel_out_shape
 from sparsejax.mvue import DRAWS, group_words, prune_columns, threefry_words, uniform_from_word
 
 __all__ = ["MaskTuning", "DwTuning", "MASK_TUNING", "DW_TUNING", "nm_prune_kernel",
@@ -126,16 +127,17 @@ def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: b
   kernel = functools.partial(_mask_kernel, method=method, m=m, rows=rows, cols=cols,
                              per_slice=per_slice, paired=paired)
   block = pl.BlockSpec((block_rows, width, block_cols), lambda i, j: (i, 0, j))
+  out_shape, operands = kernel_out_shape((key_data, x.reshape(view)), view, x.dtype)
   out = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(rows, block_rows), pl.cdiv(cols, block_cols)),
       in_specs=[pl.BlockSpec((2,), lambda i, j: (0,)), block],
       out_specs=block,
-      out_shape=jax.ShapeDtypeStruct(view, x.dtype),
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
                                            num_stages=tuning.num_stages),
       interpret=interpret,
-  )(key_data, x.reshape(view))
+  )(*operands)
   return out.reshape(x.shape)
 
 
@@ -200,14 +202,17 @@ def pruned_weight_grad(x, g, key_data, *, m: int, method: str, interpret: bool =
   kernel = functools.partial(_dw_kernel, method=method, groups=groups, ins=ins, outs=outs,
                              block_groups=tuning.block_groups, steps_per_split=steps_per_split)
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
+  out_shape, operands = kernel_out_shape(
+      (key_data, x.reshape(groups, m, ins), g.reshape(groups, m, outs)),
+      (pl.cdiv(steps, steps_per_split), ins, outs), jnp.float32)
   partial = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(ins, block_in), pl.cdiv(outs, block_out), pl.cdiv(steps, steps_per_split)),
       in_specs=[whole((2,)), whole((groups, m, ins)), whole((groups, m, outs))],
       out_specs=pl.BlockSpec((None, block_in, block_out), lambda i, j, p: (p, i, j)),
-      out_shape=jax.ShapeDtypeStruct((pl.cdiv(steps, steps_per_split), ins, outs), jnp.float32),
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
                                            num_stages=tuning.num_stages),
       interpret=interpret,
-  )(key_data, x.reshape(groups, m, ins), g.reshape(groups, m, outs))
+  )(*operands)
   return partial[0] if partial.shape[0] == 1 else partial.sum(axis=0)

@@ -35,6 +35,25 @@ def varying_like(init, *operands):
   return jax.tree.map(cast, init)
 
 
+def kernel_out_shape(operands, shape, dtype):
+  """A ``pallas_call`` output's ``ShapeDtypeStruct``, and its operands, typed for ``shard_map``.
+
+  Inside ``shard_map`` (``check_vma``) a ``pallas_call`` must be told over which
+  manual axes its outputs vary: here, over every axis some operand varies over,
+  with the operands cast to match. Outside, nothing changes.
+
+  Arguments:
+    operands: a tuple of the kernel's array operands.
+    shape, dtype: the output's.
+
+  Returns:
+    ``(out_shape, operands)``.
+  """
+  operands = varying_like(tuple(operands), *operands)
+  mat = getattr(jax.typeof(operands[0]), "mat", None)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat), operands
+
+
 def _varying(x) -> frozenset:
   """The manual mesh axes ``x`` varies over (none outside ``shard_map``)."""
   manual = getattr(jax.typeof(x), "mat", None)

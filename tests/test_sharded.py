@@ -89,6 +89,25 @@ def test_sharded_loss_and_grads_equal_one_device(spec, kind, num_labels):
       assert not got_leaf[num_labels:].any()  # padded labels get no gradient
 
 
+def test_kernels_trace_inside_shard_map():
+  # The GPU path: every pallas_call of the loss and its gradient (forward, dvalues, dx)
+  # must tell shard_map over which mesh axes its output varies, or tracing fails. Only
+  # traced here (the kernels compile on a GPU, where this run trained); Pallas
+  # interpret mode cannot run inside shard_map with check_vma in jax 0.10.
+  mesh = xmc.mesh_from_spec("data:2,labels:4")
+  logits_fn, classifier = _classifier("fixed_fanin", 40)
+  indices = classifier["indices"]
+  floats = {name: classifier[name] for name in ("values", "bias")}
+  h = jax.random.normal(jax.random.key(9), (B, D))
+  fanin_logits = lambda c, h: sj.fixed_fanin_matmul(h, c["values"], c["indices"],
+                                                    impl="pallas") + c["bias"]
+  loss = lambda c, h: xmc.sharded_chunked_loss(fanin_logits, {**c, "indices": indices}, h,
+                                               LABEL_IDS, LABEL_MASK, mesh=mesh, num_labels=40,
+                                               chunk_size=3)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(floats, h)
+  assert "pallas_call" in str(jaxpr)
+
+
 def test_padded_rows_never_count_whatever_they_hold():
   # Padding filled with large weights instead of zeros changes neither loss nor top-k.
   mesh = xmc.mesh_from_spec("data:2,labels:4")
