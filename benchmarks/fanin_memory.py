@@ -21,7 +21,6 @@ import functools
 import os
 import pathlib
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -34,6 +33,10 @@ import optax
 from absl import app, flags
 from tqdm import tqdm
 
+try:
+  from benchmarks import _report
+except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
+  import _report
 from sparsejax import FixedFanIn
 
 FLAGS = flags.FLAGS
@@ -48,8 +51,8 @@ flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / 
                     "Markdown file whose fanin_memory section is written.")
 flags.DEFINE_bool("time", True, "Time the cases that fit (--notime: memory only).")
 
-START_MARKER = "<!-- fanin_memory:start -->"
-END_MARKER = "<!-- fanin_memory:end -->"
+START_MARKER, END_MARKER = _report.markers("fanin_memory")
+write_section = functools.partial(_report.write_section, name="fanin_memory")
 MIB = 2**20
 GIB = 2**30
 
@@ -198,17 +201,6 @@ def format_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-  # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo names the model.
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def render_section(rows: list[Row], command: str, in_features: int, batch: int,
                    max_time_gib: float, repeats: int, timed: bool) -> str:
   """The full BENCHMARKS.md section (without markers): setup, environment and table."""
@@ -234,7 +226,7 @@ def render_section(rows: list[Row], command: str, in_features: int, batch: int,
       "",
       f"- Command: `{command}`",
       f"- Date: {date}",
-      f"- Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs; JAX device "
+      f"- Machine: {_report.cpu_name()}, {os.cpu_count()} logical CPUs; JAX device "
       f"`{jax.devices()[0].device_kind}` (backend `{backend}`); {platform.platform()}",
       f"- Versions: Python {platform.python_version()}, jax {jax.__version__}, "
       f"jaxlib {jaxlib.__version__}, optax {optax.__version__}",
@@ -242,22 +234,6 @@ def render_section(rows: list[Row], command: str, in_features: int, batch: int,
       "",
       format_table(rows),
   ])
-
-
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces this script's marked section of ``path``, appending it if absent.
-
-  Other scripts own other sections of the same file, so everything outside the
-  markers is kept. A missing file starts with a ``# Benchmarks`` title.
-  """
-  block = f"{START_MARKER}\n{section}\n{END_MARKER}\n"
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: block, text, count=1)  # a function: no escape processing
-  else:
-    text = text.rstrip("\n") + "\n\n" + block
-  path.write_text(text)
 
 
 def main(argv):

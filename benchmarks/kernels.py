@@ -29,6 +29,7 @@ The tables go to stdout and to their section of ``BENCHMARKS.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import platform
 import statistics
@@ -41,10 +42,14 @@ import numpy as np
 from absl import app, flags
 from jax.experimental import sparse as jsparse
 
+try:
+  from benchmarks import _report
+except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
+  import _report
 import sparsejax as sj
 
-START_MARKER = "<!-- kernels:start -->"
-END_MARKER = "<!-- kernels:end -->"
+START_MARKER, END_MARKER = _report.markers("kernels")
+write_section = functools.partial(_report.write_section, name="kernels")
 
 
 @dataclasses.dataclass
@@ -390,17 +395,6 @@ def render_section(rows, bandwidth: float, command: str, nm_rows=(), nm_shape=No
          f"tokens, {nm_shape[3]}; dW = X^T prune(dY) with X ({nm_shape[0]:,}, {nm_shape[1]:,}). "
          "Mask MB = dY read + written; dW MB = X and dY read, float32 dW written.", "",
          format_nm_table(nm_rows, bandwidth), ""] if nm_rows else [])])
-
-
-def write_section(path: pathlib.Path, section: str) -> None:
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  block = f"{START_MARKER}\n{section}{END_MARKER}"
-  if START_MARKER in text:
-    before, rest = text.split(START_MARKER, 1)
-    text = before + block + rest.split(END_MARKER, 1)[1]
-  else:
-    text = text.rstrip() + "\n\n" + block + "\n"
-  path.write_text(text)
 
 
 def define_flags():

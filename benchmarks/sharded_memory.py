@@ -22,11 +22,11 @@ Run from the repository root:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import os
 import pathlib
 import platform
-import re
 import shlex
 import sys
 
@@ -36,10 +36,14 @@ import jaxlib
 import optax
 from absl import app, flags
 from flax import nnx
+try:
+  from benchmarks import _report
+except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
+  import _report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-START_MARKER = "<!-- sharded_memory:start -->"
-END_MARKER = "<!-- sharded_memory:end -->"
+START_MARKER, END_MARKER = _report.markers("sharded_memory")
+write_section = functools.partial(_report.write_section, name="sharded_memory")
 MIB = 2**20
 
 
@@ -164,16 +168,6 @@ def format_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def render_section(rows: list[Row], command: str, *, num_labels: int, fan_in: int,
                    classifier_in: int, batch: int, num_features: int, label_chunk: int,
                    max_features: int, max_labels: int) -> str:
@@ -199,7 +193,7 @@ def render_section(rows: list[Row], command: str, *, num_labels: int, fan_in: in
       "",
       f"- Command: `{command}`",
       f"- Date: {date}",
-      f"- Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs; {jax.device_count()} JAX "
+      f"- Machine: {_report.cpu_name()}, {os.cpu_count()} logical CPUs; {jax.device_count()} JAX "
       f"devices `{jax.devices()[0].device_kind}` (backend `{jax.default_backend()}`); "
       f"{platform.platform()}",
       f"- Versions: Python {platform.python_version()}, jax {jax.__version__}, "
@@ -212,18 +206,6 @@ def render_section(rows: list[Row], command: str, *, num_labels: int, fan_in: in
 def _encoder_bytes(num_features: int, width: int) -> int:
   """float32 bytes of the encoder's params and Adam moments (bag + one MLP block)."""
   return 3 * 4 * (num_features * width + width * width + width)
-
-
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces this script's marked section of ``path``, appending it if absent."""
-  block = f"{START_MARKER}\n{section}\n{END_MARKER}\n"
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: block, text, count=1)  # a function: no escape processing
-  else:
-    text = text.rstrip("\n") + "\n\n" + block
-  path.write_text(text)
 
 
 def define_flags() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import json
 import math
 import os
@@ -53,10 +54,14 @@ import time
 import traceback
 
 from absl import app, flags
+try:
+  from benchmarks import _report
+except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
+  import _report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-START_MARKER = "<!-- xmc_trainer:start -->"
-END_MARKER = "<!-- xmc_trainer:end -->"
+START_MARKER, END_MARKER = _report.markers("xmc_trainer")
+write_section = functools.partial(_report.write_section, name="xmc_trainer")
 ROWS_PREFIX = "<!-- xmc_trainer rows: "  # the rows as JSON, read back by --merge
 RESULT_PREFIX = "XMC_RESULT "  # marks the child's result lines on its stdout
 PALLAS_ON_CPU = "pallas needs a GPU (interpret mode is for tests)"
@@ -86,7 +91,7 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _report(result: dict) -> None:
+def _emit(result: dict) -> None:
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -121,7 +126,7 @@ def measure(spec: dict) -> None:
                 f"({jax.default_backend()})", host=platform.platform(), versions=versions,
                 cpus=os.cpu_count(), plain_s=[], set_s=[], done=False)
   if impl == "pallas" and jax.default_backend() != "gpu":
-    _report(dict(result, skipped=PALLAS_ON_CPU, done=True))
+    _emit(dict(result, skipped=PALLAS_ON_CPU, done=True))
     return
   try:
     if fan_in and resolve_impl() != impl:  # SPARSEJAX_KERNELS must select what the row says
@@ -157,7 +162,7 @@ def measure(spec: dict) -> None:
       return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
 
     result["setup_peak_bytes"] = peak()[0]  # model, optimizer, data and compilation
-    _report(result)
+    _emit(result)
     for i in range(spec["warmup"] + spec["steps"]):
       batch = device_batches[i % len(device_batches)]
       start = time.perf_counter()
@@ -172,14 +177,14 @@ def measure(spec: dict) -> None:
         result["set_s" if rewired else "plain_s"].append(seconds)
       result["peak_bytes"], result["peak_kind"] = peak()
       result["loss"] = float(losses[0])
-      _report(result)
+      _emit(result)
     memory = device.memory_stats()
     if memory and "bytes_in_use" in memory:
       result["in_use_bytes"] = int(memory["bytes_in_use"])  # the states, data and executable
-    _report(dict(result, done=True))
+    _emit(dict(result, done=True))
   except Exception as error:  # reported as the variant's row; the traceback goes to the log
     traceback.print_exc()
-    _report(dict(result, error=_one_line(error), done=True))
+    _emit(dict(result, error=_one_line(error), done=True))
 
 
 # ---------------------------------------------------------------- parent process
@@ -338,18 +343,6 @@ def read_rows(path: pathlib.Path) -> list[dict]:
   text = path.read_text() if path.exists() else ""
   match = re.search(re.escape(ROWS_PREFIX) + r"(.*?) -->", text)
   return json.loads(match[1]) if match else []
-
-
-def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces this script's marked section of ``path``, appending it if absent."""
-  text = path.read_text() if path.exists() else "# Benchmarks\n"
-  block = f"{START_MARKER}\n{section}\n{END_MARKER}"
-  if START_MARKER in text:
-    before, rest = text.split(START_MARKER, 1)
-    text = before + block + rest.split(END_MARKER, 1)[1]
-  else:
-    text = text.rstrip() + "\n\n" + block + "\n"
-  path.write_text(text)
 
 
 def _order(row: dict) -> tuple:
