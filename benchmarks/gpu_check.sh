@@ -1,32 +1,100 @@
 #!/usr/bin/env bash
-# One GPU session: versions, the compiled-kernel tests, then the benchmark script.
-# Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_check.sh [tests|sweep|profile|bench|xmc]...
-# Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out). XMC_ARGS (a string) holds
-# extra flags of benchmarks/xmc_trainer.py, e.g. XMC_ARGS="--labels 670091 --merge".
+# One GPU session: versions, then the named steps, each on its own (a failing step never stops
+# the next; every exit status goes to $OUT/status.txt).
+# Usage (on the GPU machine, from the repository root):
+#   bash benchmarks/gpu_check.sh [tests|layer|set|xmc|profile|profile_tile|bench|sweep]...
+# (no step: tests layer set xmc). Steps:
+#   tests         compiled-kernel tests: test_kernels_fanin.py, test_kernels_nm.py and
+#                 test_kernels_fanin_tile.py when present
+#   layer         benchmarks/kernels.py, all fixed fan-in paths and the torch CSR peer, N:M off;
+#                 its table, the dispatch CSV and the torch peer's JSON lines into $OUT
+#   set           benchmarks/set_rewire.py when present (SET_ARGS: its flags)
+#   xmc           benchmarks/xmc_trainer.py (XMC_ARGS: its flags, e.g. "--labels 670091 --merge")
+#   profile       ncu of the N:M kernels (mask, fused dW)
+#   profile_tile  ncu of one fwd+bwd of the fused tile kernel (NCU_KERNELS, default regex:tile;
+#                 TILE_SHAPE "L K", default "670091 64"), bf16
+#   bench, sweep  kernels.py with the N:M section; the N:M launch-setting sweep
+# Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out); TAG (default empty) is
+# appended to the step's file names, so that a step split over commands keeps every log, e.g.
+# TAG=_3m LAYER_ARGS="--outs 3000000". LAYER_ARGS: extra flags of kernels.py. STEP_TIMEOUT
+# (seconds, default 580) bounds each step; the scripts write their tables as they go, so a step
+# cut short keeps what it measured.
 set -uo pipefail
 R=$PWD
 OUT=${OUT:-$R/gpu_out}; mkdir -p "$OUT"
-# The installed wheel has no sparsejax.kernels mapping: lay the package out as setup.py does.
+# The installed wheel has no sparsejax.kernels mapping (and the GPU image no package index to
+# install from): lay the package out as setup.py does.
 SRC=$(mktemp -d); cp -r sparsejax "$SRC/" && cp -r kernels "$SRC/sparsejax/kernels"
 export PYTHONPATH=$SRC:$R PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version
-  python3 -c "import jax, jaxlib, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/versions.txt"
-steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench)
-for step in "${steps[@]}"; do
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version
+  git -C "$R" rev-parse HEAD 2>/dev/null || echo "git: no repository here"
+  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+  python3 -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
+  python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available())" \
+    || echo "torch: not importable"
+  [ -n "$NCU" ] && "$NCU" --version | tail -1 || echo "ncu: not found"
+} 2>&1 | tee "$OUT/versions${TAG:-}.txt"
+limit=${STEP_TIMEOUT:-580}; T=${TAG:-}
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests layer set xmc)
+
+run_step() {  # one step; prints and records its exit status
+  local step=$1
+  echo "=== $step" >&2
   case $step in
-    tests) (cd /tmp && SPARSEJAX_TEST_COMPILED=1 python3 -m pytest -o pythonpath= -p no:cacheprovider \
-              --rootdir="$R" "$R/tests/test_kernels_fanin.py" "$R/tests/test_kernels_nm.py" -q 2>&1 \
-              | tail -25 | tee "$OUT/tests.txt") ;;
-    sweep) python3 benchmarks/kernels.py --nm_sweep --repeats 10 2>&1 | tee "$OUT/nm_sweep.txt" ;;
-    profile) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-             "$NCU" --set default --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-               --section Occupancy --section LaunchStats -k regex:"mask_kernel|dw_kernel" \
-               python3 benchmarks/profile_kernels.py --which nm > "$OUT/ncu_nm.txt" 2>&1
-             tail -5 "$OUT/ncu_nm.txt" ;;
-    bench) python3 benchmarks/kernels.py --max_dense_gib 40 2>&1 | tee "$OUT/bench.txt"; cp BENCHMARKS.md "$OUT/" ;;
+    tests) tests=("$R/tests/test_kernels_fanin.py" "$R/tests/test_kernels_nm.py")
+           [ -f "$R/tests/test_kernels_fanin_tile.py" ] && tests+=("$R/tests/test_kernels_fanin_tile.py")
+           (cd /tmp && SPARSEJAX_TEST_COMPILED=1 timeout "$limit" python3 -m pytest -o pythonpath= \
+              -p no:cacheprovider --rootdir="$R" "${tests[@]}" -q 2>&1) > "$OUT/tests_full$T.txt"
+           local rc=$?; tail -40 "$OUT/tests_full$T.txt" | tee "$OUT/tests$T.txt"; return $rc ;;
+    layer) read -ra layer_args <<< "${LAYER_ARGS:-}"
+           timeout "$limit" python3 benchmarks/kernels.py --nm_tokens 0 --max_dense_gib 40 \
+             --repeats 10 --torch_timeout 240 --dispatch_csv "$OUT/dispatch$T.csv" \
+             --torch_jsonl "$OUT/torch_peer$T.jsonl" "${layer_args[@]}" 2>&1 | tee "$OUT/layer$T.txt"
+           local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
+    set) if [ ! -f benchmarks/set_rewire.py ]; then echo "benchmarks/set_rewire.py: absent, skipped"
+           return 0; fi
+         read -ra set_args <<< "${SET_ARGS:-}"
+         timeout "$limit" python3 benchmarks/set_rewire.py "${set_args[@]}" 2>&1 | tee "$OUT/set$T.txt"
+         local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
     xmc) read -ra xmc_args <<< "${XMC_ARGS:-}"
-         python3 benchmarks/xmc_trainer.py "${xmc_args[@]}" 2>&1 | tee "$OUT/xmc.txt"; cp BENCHMARKS.md "$OUT/" ;;
-    *) echo "unknown step $step"; exit 2 ;;
+         timeout "$limit" python3 benchmarks/xmc_trainer.py "${xmc_args[@]}" 2>&1 | tee "$OUT/xmc$T.txt"
+         local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
+    profile) [ -z "$NCU" ] && { echo "ncu: not found"; return 127; }
+             timeout "$limit" "$NCU" --set default --section ComputeWorkloadAnalysis \
+               --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+               -k regex:"mask_kernel|dw_kernel" python3 benchmarks/profile_kernels.py --which nm \
+               > "$OUT/ncu_nm.txt" 2>&1
+             local rc=$?; tail -5 "$OUT/ncu_nm.txt"; return $rc ;;
+    profile_tile) [ -z "$NCU" ] && { echo "ncu: not found"; return 127; }
+      read -r tile_out tile_k <<< "${TILE_SHAPE:-670091 64}"
+      local script="$OUT/profile_tile.py"
+      cat > "$script" <<EOF
+# One fwd+bwd of the fused tile kernel (bf16), for ncu.
+import jax, jax.numpy as jnp, sparsejax as sj
+layer = sj.FixedFanIn.init(jax.random.key(0), 768, $tile_out, $tile_k)
+x = jax.random.normal(jax.random.key(1), (256, 768), jnp.bfloat16)
+loss = lambda x, v, i: 0.5 * jnp.sum(
+    sj.fixed_fanin_matmul(x, v, i, impl="pallas_tile").astype(jnp.float32) ** 2)
+step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+jax.block_until_ready(step(x, layer.values.astype(jnp.bfloat16), layer.indices))
+print("ran pallas_tile fwd+bwd at L=$tile_out K=$tile_k")
+EOF
+      timeout "$limit" "$NCU" --set default --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        -k "${NCU_KERNELS:-regex:tile}" python3 "$script" > "$OUT/ncu_tile$T.txt" 2>&1
+      local rc=$?; tail -5 "$OUT/ncu_tile$T.txt"; return $rc ;;
+    bench) timeout "$limit" python3 benchmarks/kernels.py --max_dense_gib 40 2>&1 | tee "$OUT/bench.txt"
+           local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
+    sweep) timeout "$limit" python3 benchmarks/kernels.py --nm_sweep --repeats 10 2>&1 \
+             | tee "$OUT/nm_sweep.txt"; return "${PIPESTATUS[0]}" ;;
+    *) echo "unknown step $step"; return 2 ;;
   esac
+}
+
+for step in "${steps[@]}"; do
+  start=$SECONDS
+  run_step "$step"
+  rc=$?
+  echo "$step$T: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/status.txt"
 done

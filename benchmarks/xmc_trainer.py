@@ -1,22 +1,29 @@
-"""Peak memory and step time of the XMC trainer: dense vs fixed fan-in, XLA vs Pallas.
+"""Peak memory and step time of the XMC trainer: dense vs fixed fan-in, per impl.
 
-For each label count L and each variant (``dense``, ``k64-xla``, ``k64-pallas``,
-``k128-xla``, ``k128-pallas``; any ``k<K>-<impl>`` works), a fresh Python process
-builds the trainer's model and optimizer (``experiments.xmc.train.build``) on
-synthetic data (``sparsejax.data.synthetic_xmc``, 20 batches of points),
-compiles its train step ahead of time (``make_train_step``: squared hinge loss
-summed over label chunks, Adam, SET rewiring of a fixed fan-in classifier, both
-states donated) and runs it: warm-up steps, then timed steps, each waited for
-with ``block_until_ready``. ``SPARSEJAX_KERNELS`` in the child's environment
-picks the fixed fan-in implementation. One process per variant, so that the
-peak memory (``memory_stats()["peak_bytes_in_use"]`` on GPU, the peak RSS on
-CPU) is that variant's alone; the parent never imports JAX, so it holds no
-device memory. Pallas variants are skipped on CPU: interpret mode is a
-correctness tool, far too slow at these sizes.
+For each label count L and each variant (``dense``, or ``k<K>-<impl>[-rigl]``
+with impl one of ``xla``, ``pallas`` (the gather designs), ``xla_tile``,
+``pallas_tile`` (the tile designs) or ``auto`` (``sparsejax.dispatch``'s
+choice, which the table names), and ``-rigl`` for RigL regrowth instead of
+SET's random one), a fresh Python process builds the trainer's model and
+optimizer (``experiments.xmc.train.build``) on synthetic data
+(``sparsejax.data.synthetic_xmc``, 20 batches of points), compiles its train
+step ahead of time (``make_train_step``: squared hinge loss summed over label
+chunks, Adam, SET/RigL rewiring of a fixed fan-in classifier, both states
+donated) and runs it: warm-up steps, then timed steps, each waited for with
+``block_until_ready``. ``SPARSEJAX_KERNELS`` in the child's environment picks
+the fixed fan-in implementation; ``--compute_dtype`` and ``--label_chunk`` go
+to the trainer's ``Config`` (defaults: the trainer's auto, the same policy for
+the dense and the sparse variants). One process per variant, so that the peak
+memory (``memory_stats()["peak_bytes_in_use"]`` on GPU, the peak RSS on CPU)
+is that variant's alone; the parent never imports JAX, so it holds no device
+memory. Pallas variants are skipped on CPU: interpret mode is a correctness
+tool, far too slow at these sizes. A trainer without the ``Config`` field a
+variant needs (``regrowth``, ``compute_dtype``) gives an error row saying so.
 
-SET rewires on updates t = interval, 2 interval, ...; timed steps that rewire
-are reported apart ("SET step ms") from the others ("step ms", the median;
-samples/s = batch / that median).
+SET/RigL rewires on updates t = interval, 2 interval, ...; timed steps that
+rewire are reported apart ("rewire step ms") from the others ("step ms", the
+median; samples/s = batch / that median; "vs dense": that median over the
+dense variant's of the same L in the same run).
 
 A variant that fails (out of memory, compile error, past ``--timeout``) becomes
 a table row with the reason; one that times out keeps the figures of the steps
@@ -27,16 +34,18 @@ that this run does not measure, so a long sweep can be split over commands.
 
 Run from the repository root:
 
-  python benchmarks/xmc_trainer.py   # the issue's table (GPU)
-  python benchmarks/xmc_trainer.py --labels 100000 --variants dense,k64-xla --steps 3 \\
-      --output /tmp/BENCHMARKS.md
+  python benchmarks/xmc_trainer.py   # the default table (GPU, ~8 minutes on an H200)
+  python benchmarks/xmc_trainer.py --labels 100000 --variants dense,k64-xla_tile-rigl \\
+      --steps 3 --output /tmp/BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -66,6 +75,8 @@ ROWS_PREFIX = "<!-- xmc_trainer rows: "  # the rows as JSON, read back by --merg
 RESULT_PREFIX = "XMC_RESULT "  # marks the child's result lines on its stdout
 PALLAS_ON_CPU = "pallas needs a GPU (interpret mode is for tests)"
 MIB = 2**20
+IMPLS = ("xla", "pallas", "xla_tile", "pallas_tile", "auto")
+DEFAULTS = dict(compute_dtype="auto", regrowth="random")  # new Config fields, at their defaults
 
 # The model: the classifier reads 768 features, as in benchmarks/kernels.py.
 MODEL = dict(embed_dim=256, hidden_layers=1, intermediate=768, loss="squared_hinge", aux=False)
@@ -73,14 +84,23 @@ TRAIN_BATCHES = 20  # points = 20 batches: quick to generate even at 3M labels
 TOTAL_STEPS = 1000  # schedule length: SET's end step (660) lies past every timed step
 
 
-def parse_variant(name: str) -> tuple[int, str]:
-  """``"dense"`` -> ``(0, "xla")``, ``"k64-pallas"`` -> ``(64, "pallas")``."""
+def parse_variant(name: str) -> tuple[int, str, str]:
+  """``"dense"`` -> ``(0, "auto", "")``, ``"k64-pallas-rigl"`` -> ``(64, "pallas", "rigl")``.
+
+  The third item is the trainer's ``regrowth``: ``"random"`` (SET) or ``"rigl"``;
+  ``""`` for dense.
+  """
   if name == "dense":
-    return 0, "xla"
-  match = re.fullmatch(r"k(\d+)-(xla|pallas)", name)
+    return 0, "auto", ""
+  match = re.fullmatch(rf"k(\d+)-({'|'.join(IMPLS)})(-rigl)?", name)
   if not match or int(match[1]) < 1:
-    raise ValueError(f"a variant is 'dense' or 'k<K>-xla' / 'k<K>-pallas', got {name!r}")
-  return int(match[1]), match[2]
+    raise ValueError(f"a variant is 'dense' or 'k<K>-<impl>[-rigl]' with impl one of "
+                     f"{', '.join(IMPLS)}; got {name!r}")
+  return int(match[1]), match[2], "rigl" if match[3] else "random"
+
+
+def _rewiring(regrowth: str) -> str:
+  return "RigL" if regrowth == "rigl" else "SET"
 
 
 # ---------------------------------------------------------------- child process
@@ -100,7 +120,7 @@ def measure(spec: dict) -> None:
 
   Arguments:
     spec: ``labels``, ``variant``, ``warmup``, ``steps``, ``batch_size``,
-      ``label_chunk``, ``set_interval``.
+      ``label_chunk`` (0: the trainer's auto), ``set_interval``, ``compute_dtype``.
 
   The last line printed holds everything measured so far, so a parent that
   kills this process at its timeout still gets the finished steps.
@@ -112,9 +132,9 @@ def measure(spec: dict) -> None:
 
   from experiments.xmc import train
   from sparsejax.data.xmc import batches
-  from sparsejax.dispatch import resolve_impl
+  from sparsejax import dispatch
 
-  fan_in, impl = parse_variant(spec["variant"])
+  fan_in, impl, regrowth = parse_variant(spec["variant"])
   device = jax.devices()[0]
   versions = f"Python {platform.python_version()}, jax {jax.__version__}"
   try:
@@ -125,35 +145,60 @@ def measure(spec: dict) -> None:
   result = dict(spec, fan_in=fan_in, impl=impl, device=f"{device.device_kind} "
                 f"({jax.default_backend()})", host=platform.platform(), versions=versions,
                 cpus=os.cpu_count(), plain_s=[], set_s=[], done=False)
-  if impl == "pallas" and jax.default_backend() != "gpu":
+  if impl in ("pallas", "pallas_tile") and jax.default_backend() != "gpu":
     _emit(dict(result, skipped=PALLAS_ON_CPU, done=True))
     return
   try:
-    if fan_in and resolve_impl() != impl:  # SPARSEJAX_KERNELS must select what the row says
-      raise RuntimeError(f"SPARSEJAX_KERNELS gives {resolve_impl()!r}, expected {impl!r}")
+    if fan_in:  # SPARSEJAX_KERNELS must be accepted; the row names what auto dispatches to
+      result["dispatched"] = _dispatched(dispatch, impl, spec, fan_in)
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    wanted = dict(compute_dtype=spec["compute_dtype"], regrowth=regrowth or DEFAULTS["regrowth"])
+    new = {}
+    for name, value in wanted.items():
+      if name in fields:
+        new[name] = value
+      elif value != DEFAULTS[name]:  # an older trainer: a clear error rather than a wrong row
+        raise RuntimeError(f"experiments/xmc/train.py's Config has no field {name!r} "
+                           f"(needed for {name} {value!r})")
     config = train.Config(num_train=TRAIN_BATCHES * spec["batch_size"], num_test=0,
                           num_labels=spec["labels"], fan_in=fan_in,
                           batch_size=spec["batch_size"], label_chunk=spec["label_chunk"],
-                          set_interval=spec["set_interval"], **MODEL)
+                          set_interval=spec["set_interval"], **new, **MODEL)
+    result["config"] = dict(
+        regrowth=getattr(config, "regrowth", None),
+        compute_dtype=(str(train.resolved_compute_dtype(config))
+                       if hasattr(train, "resolved_compute_dtype") else None),
+        label_chunk=(train.resolved_label_chunk(config) if hasattr(train, "resolved_label_chunk")
+                     else config.label_chunk))
     data, _ = train.load_data(config)
     model, optimizer = train.build(config, data.num_features, data.num_labels, TOTAL_STEPS)
     result["classifier_params"] = int(sum(
         x.size for x in jax.tree.leaves(nnx.state(model.classifier, nnx.Param))))
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
-    step_fn = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0)
+    rewires = bool(fan_in and config.set_interval)
+    # As the trainer's loop: a plain step that traces no rewiring and a rewiring one for the
+    # due updates, where make_train_step has them (``rewire``); else one step for all.
+    kinds = ({False: dict(rewire=False), True: dict(rewire=None)}
+             if rewires and "rewire" in inspect.signature(train.make_train_step).parameters
+             else {False: {}})
+    step_fns = {kind: train.make_train_step(config, model_def, opt_def, optimizer.wrt,
+                                            num_clusters=0, **kwargs)
+                for kind, kwargs in kinds.items()}
     del model, optimizer  # their arrays are the states', which the steps donate
     device_batches = [jax.device_put(b) for b in batches(data, batch_size=config.batch_size,
                                                          seed=0, epoch=0)]
     no_aux = (None, np.float32(0))  # no cluster head: the step takes None and a zero weight
     start = time.perf_counter()
-    compiled = step_fn.lower(model_state, opt_state, device_batches[0], *no_aux).compile()
+    compiled = {kind: fn.lower(model_state, opt_state, device_batches[0], *no_aux).compile()
+                for kind, fn in step_fns.items()}
     result["compile_s"] = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    if stats is not None:
-      result["compiled"] = dict(argument=stats.argument_size_in_bytes,
-                                temp=stats.temp_size_in_bytes, output=stats.output_size_in_bytes,
-                                alias=stats.alias_size_in_bytes)
+    for kind, name in ((False, "compiled"), (True, "compiled_rewire")):
+      stats = compiled[kind].memory_analysis() if kind in compiled else None
+      if stats is not None:
+        result[name] = dict(argument=stats.argument_size_in_bytes,
+                            temp=stats.temp_size_in_bytes, output=stats.output_size_in_bytes,
+                            alias=stats.alias_size_in_bytes)
 
     def peak() -> tuple[int, str]:
       memory = device.memory_stats()
@@ -165,13 +210,16 @@ def measure(spec: dict) -> None:
     _emit(result)
     for i in range(spec["warmup"] + spec["steps"]):
       batch = device_batches[i % len(device_batches)]
+      # Update t = i + 1 rewires when the interval divides it (SET's end step is far off).
+      rewired = rewires and (i + 1) % config.set_interval == 0
+      step = compiled[True] if rewired and True in compiled else compiled[False]
       start = time.perf_counter()
-      model_state, opt_state, losses = compiled(model_state, opt_state, batch, *no_aux)
+      model_state, opt_state, losses = step(model_state, opt_state, batch, *no_aux)
       jax.block_until_ready((model_state, opt_state, losses))
       seconds = time.perf_counter() - start
-      rewired = bool(fan_in) and (i + 1) % config.set_interval == 0  # update t = i + 1
       print(f"{spec['variant']} L={spec['labels']}: step {i} {seconds * 1e3:.1f} ms"
-            + (" (SET)" if rewired else "") + ("" if i >= spec["warmup"] else " (warm-up)"),
+            + (f" ({_rewiring(regrowth)})" if rewired else "")
+            + ("" if i >= spec["warmup"] else " (warm-up)"),
             file=sys.stderr, flush=True)
       if i >= spec["warmup"]:
         result["set_s" if rewired else "plain_s"].append(seconds)
@@ -185,6 +233,19 @@ def measure(spec: dict) -> None:
   except Exception as error:  # reported as the variant's row; the traceback goes to the log
     traceback.print_exc()
     _emit(dict(result, error=_one_line(error), done=True))
+
+
+def _dispatched(dispatch, impl: str, spec: dict, fan_in: int) -> str:
+  """What the classifier's matmul runs: ``impl``, or for ``auto`` the dispatch's choice.
+
+  Resolving ``$SPARSEJAX_KERNELS`` also fails here, before any building, when the
+  dispatch module does not know ``impl``.
+  """
+  if not hasattr(dispatch, "resolve_fanin_impl"):  # an older dispatch: gather paths only
+    return dispatch.resolve_impl()
+  # The classifier reads the intermediate layer; out: all L labels.
+  return dispatch.resolve_fanin_impl(batch=spec["batch_size"], in_features=MODEL["intermediate"],
+                                     out=spec["labels"], fan_in=fan_in)
 
 
 # ---------------------------------------------------------------- parent process
@@ -204,7 +265,7 @@ def run_variant(spec: dict, timeout: float) -> dict:
 
   The child's stderr (progress, tracebacks) is copied to ours as it comes.
   """
-  _, impl = parse_variant(spec["variant"])
+  _, impl, _ = parse_variant(spec["variant"])
   env = dict(os.environ, SPARSEJAX_KERNELS=impl)
   # experiments/ is imported from the repository root. Appended: a sparsejax put earlier on
   # PYTHONPATH (benchmarks/gpu_check.sh's copy with the kernels) must stay the one imported.
@@ -255,7 +316,11 @@ def _note(row: dict) -> str:
   timed = len(row.get("plain_s", [])) + len(row.get("set_s", []))
   parts = []
   if timed:
-    parts.append(f"{timed} timed" + (f" ({len(row['set_s'])} SET)" if row["fan_in"] else ""))
+    rewiring = _rewiring(parse_variant(row["variant"])[2])
+    parts.append(f"{timed} timed" + (f" ({len(row['set_s'])} {rewiring})" if row["fan_in"]
+                                     else ""))
+  if "compiled_rewire" in row:
+    parts.append(f"rewire step temp {_mib(row['compiled_rewire']['temp'])} MiB")
   if row.get("error"):
     parts.append(row["error"])
   elif row.get("peak_kind") == "device" and row.get("peak_bytes") == row.get("setup_peak_bytes"):
@@ -265,25 +330,50 @@ def _note(row: dict) -> str:
   return "; ".join(parts).replace("|", "/")
 
 
-def format_table(rows: list[dict]) -> str:
-  """The markdown table of ``rows`` (results of ``run_variant``)."""
+def _impl_cell(row: dict) -> str:
+  fan_in, impl, _ = parse_variant(row["variant"])
+  if not fan_in:
+    return "-"
+  dispatched = row.get("dispatched")
+  return f"auto: {dispatched}" if impl == "auto" and dispatched else impl
+
+
+def _dtype_cell(row: dict) -> str:
+  """The compute dtype the trainer resolved, else the one asked for."""
+  if "config" in row:  # a trainer without compute_dtype computes in float32
+    return row["config"]["compute_dtype"] or "float32"
+  return row.get("compute_dtype", "?")
+
+
+def format_table(rows: list[dict], context: list[dict] | None = None) -> str:
+  """The markdown table of ``rows`` (results of ``run_variant``).
+
+  ``context`` (default ``rows``) holds the dense rows of the "vs dense" column:
+  the dense variant of the same L in the same run.
+  """
   runs = _runs(rows)
-  lines = ["| L | model | impl | K | classifier params | step ms | SET step ms | samples/s "
-           "| peak MiB | compiled args MiB | temp MiB | out MiB | compile s | note |"
-           + (" run |" if len(runs) > 1 else ""),
-           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  dense = {(r["labels"], _run_of(r)): statistics.median(r["plain_s"])
+           for r in (rows if context is None else context)
+           if r["variant"] == "dense" and r.get("plain_s")}
+  lines = ["| L | model | impl | K | compute dtype | classifier params | step ms "
+           "| rewire step ms | vs dense | samples/s | peak MiB | compiled args MiB | temp MiB "
+           "| out MiB | compile s | note |" + (" run |" if len(runs) > 1 else ""),
+           "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
            + ("---:|" if len(runs) > 1 else "")]
   for row in rows:
-    fan_in, impl = parse_variant(row["variant"])
+    fan_in, _, regrowth = parse_variant(row["variant"])
     plain = row.get("plain_s", [])
     compiled = row.get("compiled", {})
     peak = _mib(row.get("peak_bytes"))
     if row.get("peak_kind") == "RSS":
       peak += " RSS"
-    cells = [f"{row['labels']:,}", "fixed fan-in" if fan_in else "dense",
-             impl if fan_in else "-", str(fan_in or "-"),
+    reference = dense.get((row["labels"], _run_of(row)))
+    ratio = f"{statistics.median(plain) / reference:.2f}x" if plain and reference else "-"
+    cells = [f"{row['labels']:,}",
+             f"fixed fan-in, {_rewiring(regrowth)}" if fan_in else "dense",
+             _impl_cell(row), str(fan_in or "-"), _dtype_cell(row),
              f"{row['classifier_params']:,}" if "classifier_params" in row else "-",
-             _ms(plain), _ms(row.get("set_s", [])),
+             _ms(plain), _ms(row.get("set_s", [])), ratio,
              f"{row['batch_size'] / statistics.median(plain):,.0f}" if plain else "-",
              peak, _mib(compiled.get("argument")), _mib(compiled.get("temp")),
              _mib(compiled.get("output")),
@@ -322,17 +412,23 @@ def render_section(rows: list[dict]) -> str:
       f"{MODEL['embed_dim']}, {MODEL['hidden_layers']} residual MLP block, a linear "
       f"intermediate layer of {MODEL['intermediate']}, then a dense or fixed fan-in "
       f"classifier over L labels; batch {batch}, squared hinge loss summed over label "
-      f"chunks of {measured.get('label_chunk', '?')}, Adam, SET every "
+      f"chunks of {_chunk(measured)}, the trainer's `--compute_dtype "
+      f"{measured.get('compute_dtype', '?')}` (auto: bfloat16 on GPU; the column gives the "
+      "resolved dtype), Adam, SET (or RigL: model `fixed fan-in, RigL`) every "
       f"{measured.get('set_interval', '?')} updates for the fixed fan-in classifier, "
       "states donated. Each variant ran in its own process with `SPARSEJAX_KERNELS` set "
-      "to its impl, compiled ahead of time (compile s), then "
+      "to its impl (`auto: X`: the dispatch chose X for the classifier's shape), "
+      "compiled ahead of time (compile s), then "
       f"{measured.get('warmup', '?')} warm-up steps and the timed ones, each waited for. "
-      "Step ms: median of the timed steps that do not rewire; SET step ms: median of "
-      "those that do; samples/s = batch / step ms. Peak MiB: the device allocator's peak "
+      "Step ms: median of the timed steps that do not rewire; rewire step ms: median of "
+      "those that do (SET or RigL); vs dense: step ms over the dense variant's of the "
+      "same L in the same run; samples/s = batch / step ms. Peak MiB: the device "
+      "allocator's peak "
       "in that process (model, optimizer, data and steps; the note says when the "
       "steps did not raise it) or, marked RSS, the process's peak resident memory on "
       "CPU. Compiled MiB: XLA's memory analysis of the step (donated states are in "
-      "both args and out).", "",
+      "both args and out); as in the trainer's loop, a rewired classifier has a plain "
+      "step and a rewiring one (its temp in the note), compile s covers both.", "",
       *run_lines, "",
       format_table(rows), "",
       f"{ROWS_PREFIX}{data} -->"])
@@ -345,14 +441,21 @@ def read_rows(path: pathlib.Path) -> list[dict]:
   return json.loads(match[1]) if match else []
 
 
+def _chunk(row: dict) -> str:
+  resolved = (row.get("config") or {}).get("label_chunk")
+  if row.get("label_chunk") == 0:
+    return f"the trainer's auto (`--label_chunk 0`: {resolved or '?'})"
+  return f"{row.get('label_chunk', '?')}"
+
+
 def _order(row: dict) -> tuple:
-  fan_in, impl = parse_variant(row["variant"])
-  return row["labels"], fan_in, impl == "pallas"
+  fan_in, impl, regrowth = parse_variant(row["variant"])
+  return row["labels"], fan_in, regrowth == "rigl", IMPLS.index(impl)
 
 
 def run(labels: list[int], variants: list[str], *, steps: int, xla_steps: int, warmup: int,
         batch_size: int, label_chunk: int, set_interval: int, timeout: float, command: str,
-        output: pathlib.Path | None, merge: bool) -> list[dict]:
+        output: pathlib.Path | None, merge: bool, compute_dtype: str = "auto") -> list[dict]:
   """Measures every (L, variant) in its own process; returns the rows, writing as it goes."""
   for name in variants:
     parse_variant(name)  # fail on a typo before any child starts
@@ -361,13 +464,16 @@ def run(labels: list[int], variants: list[str], *, steps: int, xla_steps: int, w
   rows = []
   for num_labels in labels:
     for name in variants:
-      fan_in, impl = parse_variant(name)
+      fan_in, impl, _ = parse_variant(name)
       spec = dict(labels=num_labels, variant=name, warmup=warmup,
                   steps=xla_steps if fan_in and impl == "xla" else steps,
-                  batch_size=batch_size, label_chunk=label_chunk, set_interval=set_interval)
+                  batch_size=batch_size, label_chunk=label_chunk, set_interval=set_interval,
+                  compute_dtype=compute_dtype)
       print(f"--- L={num_labels:,} {name}", file=sys.stderr, flush=True)
+      start = time.perf_counter()
       rows.append(dict(run_variant(spec, timeout), command=command, date=date))
-      print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+      print(format_table(rows[-1:], rows).splitlines()[-1], flush=True)
+      print(f"--- {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
       if output:
         done = {(r["labels"], r["variant"]) for r in rows}
         table = sorted([r for r in kept if (r["labels"], r["variant"]) not in done] + rows,
@@ -378,16 +484,20 @@ def run(labels: list[int], variants: list[str], *, steps: int, xla_steps: int, w
 
 def define_flags() -> None:
   flags.DEFINE_list("labels", ["670091", "3000000"], "label counts L")
-  flags.DEFINE_list("variants", ["dense", "k64-xla", "k64-pallas", "k128-xla", "k128-pallas"],
-                    "'dense' or 'k<K>-xla' / 'k<K>-pallas' (fixed fan-in K, SPARSEJAX_KERNELS)")
-  flags.DEFINE_integer("steps", 10, "timed steps of the dense and Pallas variants")
-  flags.DEFINE_integer("xla_steps", 3, "timed steps of the XLA fixed fan-in variants (slow on GPU)")
+  flags.DEFINE_list("variants", ["dense", "k64-auto", "k128-auto", "k64-auto-rigl", "k64-pallas"],
+                    "'dense' or 'k<K>-<impl>[-rigl]' (fixed fan-in K; impl, one of "
+                    f"{', '.join(IMPLS)}, goes to SPARSEJAX_KERNELS; -rigl: RigL regrowth)")
+  flags.DEFINE_integer("steps", 8, "timed steps of all but the XLA gather variants")
+  flags.DEFINE_integer("xla_steps", 3, "timed steps of the k<K>-xla variants (slow on GPU)")
   flags.DEFINE_integer("warmup", 2, "untimed steps before the timed ones")
   flags.DEFINE_integer("batch_size", 256, "points per step")
-  flags.DEFINE_integer("label_chunk", 4096, "labels scored at once in the loss")
-  flags.DEFINE_integer("set_interval", 5, "SET rewires every this many updates; with the "
-                       "defaults both timed windows hold SET steps")
-  flags.DEFINE_float("timeout", 300, "seconds per variant (its process) before it is killed")
+  flags.DEFINE_integer("label_chunk", 0, "labels scored at once in the loss (0: the trainer's "
+                       "auto, 65536 on GPU)")
+  flags.DEFINE_string("compute_dtype", "auto", "the trainer's --compute_dtype: auto (bfloat16 "
+                      "on GPU), float32 or bfloat16; dense and sparse variants alike")
+  flags.DEFINE_integer("set_interval", 4, "SET/RigL rewires every this many updates; with the "
+                       "defaults 2 of the 8 timed steps rewire")
+  flags.DEFINE_float("timeout", 150, "seconds per variant (its process) before it is killed")
   flags.DEFINE_string("output", str(ROOT / "BENCHMARKS.md"),
                       "file whose xmc_trainer section is rewritten")
   flags.DEFINE_bool("no_write", False, "print the table only")
@@ -406,7 +516,7 @@ def main(argv) -> None:
   rows = run([int(n) for n in FLAGS.labels], FLAGS.variants, steps=FLAGS.steps,
              xla_steps=FLAGS.xla_steps, warmup=FLAGS.warmup, batch_size=FLAGS.batch_size,
              label_chunk=FLAGS.label_chunk, set_interval=FLAGS.set_interval,
-             timeout=FLAGS.timeout, command=command,
+             timeout=FLAGS.timeout, command=command, compute_dtype=FLAGS.compute_dtype,
              output=None if FLAGS.no_write else pathlib.Path(FLAGS.output), merge=FLAGS.merge)
   print()
   print(format_table(rows))

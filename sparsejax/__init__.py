@@ -8,8 +8,9 @@ from sparsejax.grad_prune import prune_grad, prune_weight_grad, pruned_linear
 from sparsejax.masked import MaskedLinear
 from sparsejax.mvue import nm_prune
 from sparsejax.nm import is_nm_sparse, nm_mask
-from sparsejax.topology import (SetTopologyState, rigl_regrowth_columns, set_topology,
-                                sparse_layer_names, static_topology)
+from sparsejax.topology import (RegrowthCandidates, SetTopologyState, is_rewire_step,
+                                rigl_regrowth_columns, set_topology, sparse_layer_names,
+                                static_topology)
 from sparsejax import nn
 from sparsejax import supar
 from sparsejax import xmc
@@ -21,6 +22,7 @@ __all__ = [
     "FixedFanIn",
     "MaskedLinear",
     "ParamSpec",
+    "RegrowthCandidates",
     "SetTopologyState",
     "SuPar",
     "check_fixed_fanin",
@@ -28,6 +30,7 @@ __all__ = [
     "draw_columns",
     "fixed_fanin_matmul",
     "is_nm_sparse",
+    "is_rewire_step",
     "nm_mask",
     "nm_prune",
     "nn",

@@ -5,10 +5,24 @@ Row ``u`` of the layer reads ``K`` input columns ``indices[u]`` with weights
 
     y[b, u] = sum_k x[b, indices[u, k]] * values[u, k]
 
-Memory and work scale with ``out * K``, never with ``out * in``. The pure-XLA
-path here works on ``x^T`` (in, B) so that every gathered index reads one
-contiguous batch vector, and loops over the ``K`` slots so that the largest
-intermediate is one (out, B) slab, never (B, out, K).
+Parameters and their gradient scale with ``out * K``, never with ``out * in``.
+Two algorithms, each with an XLA version here and Pallas kernels in
+``sparsejax.kernels``:
+
+- **gather** (``impl="xla"``): works on ``x^T`` (in, B) so that every gathered
+  index reads one contiguous batch vector, and loops over the ``K`` slots so
+  that the largest intermediate is one (out, B) slab, never (B, out, K). Work
+  ``B * out * K``, but gathers, which neither CPUs nor GPUs run near their
+  arithmetic rate.
+- **label tile** (``impl="xla_tile"``): the rows in tiles of ``C``; each tile's
+  values are scattered into a zero dense ``(in, C)`` tile in the activation
+  dtype, and the tile goes through matmuls (tensor cores on a GPU, BLAS on a
+  CPU) with float32 accumulation: ``y_tile = x @ W_tile``, ``dx += g_tile @
+  W_tile^T`` and ``dvalues = (x^T g_tile)[indices, row]``. FLOPs equal the
+  dense layer's; only one tile of tens of MB exists at a time, never an
+  ``(in, out)`` array. With a single tile (``out <= C``, e.g. one label chunk
+  of ``sparsejax.xmc.chunked_loss``) the forward's tile is kept for the
+  backward, so it is built once.
 """
 
 from __future__ import annotations
@@ -22,8 +36,9 @@ from jax import lax
 
 from sparsejax import _checks
 from sparsejax._vma import varying_like
-from sparsejax.dispatch import resolve_impl
+from sparsejax.dispatch import resolve_fanin_impl
 from sparsejax.kernels import fanin as _kernels
+from sparsejax.kernels import fanin_tile as _tile_kernels
 
 __all__ = ["fixed_fanin_matmul"]
 
@@ -42,18 +57,24 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
     ``(..., out)`` in ``jnp.result_type(x, values)``, accumulated in float32
     (float64 for float64 operands).
 
-  Gradients flow to ``x`` and ``values`` through a custom VJP: ``dvalues`` by a
-  gather-multiply-reduce over the batch, ``dx`` by a scatter-add over the
-  indices. Shapes are always checked. When ``indices`` is a concrete array its
-  range is checked too; under ``jit`` indices are trusted, since an
-  out-of-range gather is not detectable there (use
-  ``sparsejax.check_fixed_fanin`` with ``jax.experimental.checkify``).
+  Gradients flow to ``x`` and ``values`` through a custom VJP. Shapes are
+  always checked. When ``indices`` is a concrete array its range is checked
+  too; under ``jit`` indices are trusted, since an out-of-range gather is not
+  detectable there (use ``sparsejax.check_fixed_fanin`` with
+  ``jax.experimental.checkify``). A column repeated within a row counts
+  twice on every path (its weights add).
 
-  ``impl`` chooses the implementation: ``"xla"`` (this module, any backend),
-  ``"pallas"`` (the kernels of ``sparsejax.kernels.fanin``, GPU),
-  ``"interpret"`` (the same kernels in Pallas interpret mode, any backend,
-  slow: for tests), or ``"auto"``/``None`` (see ``resolve_impl``; the
-  environment variable ``SPARSEJAX_KERNELS`` overrides the default).
+  ``impl`` chooses the implementation (``sparsejax.dispatch``): the gather
+  algorithm as ``"xla"`` (any backend), ``"pallas"`` (the kernels of
+  ``sparsejax.kernels.fanin``, GPU) or ``"interpret"`` (those kernels in
+  Pallas interpret mode, any backend, slow: for tests); the label-tile
+  algorithm as ``"xla_tile"``, ``"pallas_tile"`` (``sparsejax.kernels.
+  fanin_tile``, GPU) or ``"interpret_tile"``; or ``"auto"``/``None``, the
+  fastest measured path for this backend and shape
+  (``sparsejax.dispatch.fanin_choice``; the environment variable
+  ``SPARSEJAX_KERNELS`` overrides it). On the tile paths the matmuls run in
+  ``x``'s dtype: bfloat16 ``x`` means bfloat16 tensor-core inputs (values
+  rounded to bfloat16), float32 accumulation.
   """
   _checks.check_fanin_operands(x, values, indices)
   # Checked before asarray, which inside jit would stage a concrete numpy constant.
@@ -62,11 +83,19 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
   # Inside shard_map the custom VJPs return each gradient typed as its operand,
   # so all three enter varying over the same mesh axes (a no-op elsewhere).
   x, values, indices = (varying_like(a, x, values, indices) for a in (x, values, indices))
-  impl = resolve_impl(impl)
+  out, fan_in = values.shape
+  impl = resolve_fanin_impl(impl, batch=int(np.prod(x.shape[:-1])), in_features=x.shape[-1],
+                            out=out, fan_in=fan_in)
   if impl == "xla":
     return _matmul(x, values, indices)
-  y = _kernel_matmul(x.reshape(-1, x.shape[-1]), values, indices, impl == "interpret")
-  return y.reshape(*x.shape[:-1], values.shape[0])
+  x2 = x.reshape(-1, x.shape[-1])
+  if impl == "xla_tile":
+    y = _tile_matmul(x2, values, indices)
+  elif impl in ("pallas_tile", "interpret_tile"):
+    y = _tile_kernel_matmul(x2, values, indices, impl == "interpret_tile")
+  else:
+    y = _kernel_matmul(x2, values, indices, impl == "interpret")
+  return y.reshape(*x.shape[:-1], out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -87,6 +116,27 @@ def _kernel_matmul_bwd(interpret, residuals, g):
 
 
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tile_kernel_matmul(x, values, indices, interpret):
+  return _tile_kernels.tile_forward(x, values, indices, interpret=interpret)
+
+
+def _tile_kernel_matmul_fwd(x, values, indices, interpret):
+  return _tile_kernel_matmul(x, values, indices, interpret), (x, values, indices)
+
+
+def _tile_kernel_matmul_bwd(interpret, residuals, g):
+  x, values, indices = residuals
+  # The kernels' dots run in x's dtype: bf16 x means a bf16 g too (bf16 compute).
+  dx, dvalues = _tile_kernels.tile_backward(x, g.astype(x.dtype), values, indices,
+                                            interpret=interpret)
+  dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
+  return dx.astype(x.dtype), dvalues.astype(values.dtype), dindices
+
+
+_tile_kernel_matmul.defvjp(_tile_kernel_matmul_fwd, _tile_kernel_matmul_bwd)
 
 
 # Output rows are processed in chunks of about this many (row, batch) elements, so
@@ -188,3 +238,115 @@ def _matmul_bwd(residuals, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# -- the label-tile path ---------------------------------------------------------------
+
+# A tile holds at most this many (in, C) elements: 128 MiB in bfloat16, so that one
+# label chunk of 65,536 rows at in = 768 (the GPU default of the XMC trainer) is one
+# tile, built once. On an H200, 2^26 was faster than 2^24 at every size measured
+# (benchmarks/tile_variants.py, BENCHMARKS.md).
+_TILE_ELEMENTS = 1 << 26
+# Rows per tile are a multiple of this when there are several tiles: XLA pads a matmul
+# dimension that is not a multiple of the GPU's tile shapes, a copy of each operand
+# per tile (seen in the H200 profile at C = 21,845).
+_TILE_ROW_MULTIPLE = 256
+
+
+def tile_rows(in_features: int, out: int) -> int:
+  """Rows ``C`` per tile of the tile path: all ``out`` if they fit, else a multiple of 256."""
+  rows = _TILE_ELEMENTS // max(in_features, 1)
+  if rows >= out:
+    return out
+  return max(1, rows // _TILE_ROW_MULTIPLE * _TILE_ROW_MULTIPLE or rows)
+
+
+def build_tile(values: jax.Array, indices: jax.Array, in_features: int, dtype) -> jax.Array:
+  """The dense ``(in, C)`` tile of ``C`` rows: ``tile[indices[u, k], u] += values[u, k]``.
+
+  A scatter-add, so a column repeated within a row sums its weights, as the
+  gather path does.
+  """
+  rows = lax.broadcasted_iota(jnp.int32, indices.shape, 0)
+  tile = varying_like(jnp.zeros((in_features, values.shape[0]), dtype), values, indices)
+  return tile.at[indices.astype(jnp.int32), rows].add(values.astype(dtype),
+                                                      mode="promise_in_bounds")
+
+
+def _gather_tile(dense, indices):
+  """``dense[indices[u, k], u]``: the ``(C, K)`` entries of a dense ``(in, C)`` gradient."""
+  rows = lax.broadcasted_iota(jnp.int32, indices.shape, 0)
+  return dense.at[indices.astype(jnp.int32), rows].get(mode="promise_in_bounds")
+
+
+def _tile_dtypes(x, values):
+  """(matmul input dtype, accumulation dtype, output dtype) of the tile path."""
+  acc = _acc_dtype(x, values)
+  return x.dtype, acc, jnp.result_type(x, values)
+
+
+def _tile_forward(x, values, indices):
+  """``(y, tile)``: ``tile`` is the built tile when there is one tile, else None."""
+  in_features, (out, _) = x.shape[1], values.shape
+  compute, acc, result = _tile_dtypes(x, values)
+  rows = tile_rows(in_features, out)
+
+  def tile_logits(idx, w):
+    tile = build_tile(w, idx, in_features, compute)
+    return jnp.dot(x, tile, preferred_element_type=acc).astype(result), tile
+
+  if rows == out:
+    return tile_logits(indices, values)
+
+  def body(start, size, y):
+    idx = lax.dynamic_slice_in_dim(indices, start, size)
+    w = lax.dynamic_slice_in_dim(values, start, size)
+    return lax.dynamic_update_slice_in_dim(y, tile_logits(idx, w)[0], start, axis=1)
+
+  y = varying_like(jnp.zeros((x.shape[0], out), result), x, values, indices)
+  return _over_row_chunks(body, out, rows, y), None
+
+
+@jax.custom_vjp
+def _tile_matmul(x, values, indices):
+  return _tile_forward(x, values, indices)[0]
+
+
+def _tile_matmul_fwd(x, values, indices):
+  y, tile = _tile_forward(x, values, indices)
+  return y, (x, values, indices, tile)
+
+
+def _tile_grads(x, g, tile, idx, values_dtype, acc):
+  """``(dx, dvalues)`` of one tile from its output gradient ``g`` (B, C)."""
+  g = g.astype(tile.dtype)  # the matmuls' input dtype (bf16 compute keeps bf16 here)
+  dx = jnp.dot(g, tile.T, preferred_element_type=acc)
+  dense = jnp.dot(x.T, g, preferred_element_type=acc)  # (in, C): the tile's dense gradient
+  return dx, _gather_tile(dense, idx).astype(values_dtype)
+
+
+def _tile_matmul_bwd(residuals, g):
+  x, values, indices, tile = residuals
+  in_features, (out, fan_in) = x.shape[1], values.shape
+  compute, acc, _ = _tile_dtypes(x, values)
+  dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
+  if tile is not None:  # one tile, kept from the forward
+    dx, dvalues = _tile_grads(x, g, tile, indices, values.dtype, acc)
+    return dx.astype(x.dtype), dvalues, dindices
+
+  def body(start, size, carry):
+    dx, dvalues = carry
+    idx = lax.dynamic_slice_in_dim(indices, start, size)
+    w = lax.dynamic_slice_in_dim(values, start, size)
+    g_tile = lax.dynamic_slice_in_dim(g, start, size, axis=1)
+    dx_tile, dw = _tile_grads(x, g_tile, build_tile(w, idx, in_features, compute), idx,
+                              values.dtype, acc)
+    return dx + dx_tile, lax.dynamic_update_slice_in_dim(dvalues, dw, start, axis=0)
+
+  carry = varying_like((jnp.zeros(x.shape, acc), jnp.zeros((out, fan_in), values.dtype)),
+                       x, values, indices, g)
+  dx, dvalues = _over_row_chunks(body, out, tile_rows(in_features, out), carry)
+  return dx.astype(x.dtype), dvalues, dindices
+
+
+_tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)

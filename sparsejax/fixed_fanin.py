@@ -106,52 +106,110 @@ def draw_columns(key: jax.Array, indices: jax.Array, free: jax.Array,
   return _draw_columns(key, indices, free, in_features, all_free=False)
 
 
-@functools.partial(jax.jit, static_argnames=("in_features", "all_free"))
-def _draw_columns(key, indices, free, in_features, row_offset=0, *, all_free: bool):
+# The redraw rounds of _draw_columns run on all rows while more than 1 in
+# _COMPACT_FRACTION of them still repeat a column, then on just those rows (gathered),
+# and so on level by level, down to levels of _COMPACT_MIN_ROWS rows. A round leaves
+# a repeat with p ~ K / in (1 in 12 for K 64, in 768): two full rounds, then a few
+# ever smaller ones, instead of ~log(out K) full ones.
+_COMPACT_FRACTION = 4
+_COMPACT_MIN_ROWS = 1024
+
+
+@functools.partial(jax.jit, static_argnames=("in_features", "all_free", "with_rounds"))
+def _draw_columns(key, indices, free, in_features, row_offset=0, *, all_free: bool,
+                  with_rounds: bool = False):
   """``draw_columns`` of rows ``row_offset + [0, out)`` (a traced offset is fine).
 
   ``all_free``: nothing is kept, so rows need no slot bookkeeping and come out
-  sorted (a single-operand sort, several times faster on CPU).
+  sorted (a single-operand sort, several times faster on CPU). ``with_rounds``:
+  also return the number of redraw rounds (for benchmarks).
   """
   out, fan_in = indices.shape
   indices = indices.astype(jnp.int32)
   rows = row_offset + jnp.arange(out, dtype=jnp.int32)
 
-  def row_keys(step):  # (out,) keys: row u of round ``step`` sees only (key, step, u)
+  def row_keys(step, rows):  # row u of round ``step`` sees only (key, step, u)
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
 
   if 2 * fan_in > in_features:
     # Uniform scores, kept columns last: the first K by score are a random order of
     # the columns a row may take; the j-th free slot takes the j-th of them.
     local = jnp.arange(out)[:, None]
-    scores = jax.vmap(lambda k: jax.random.uniform(k, (in_features,)))(row_keys(0))
+    scores = jax.vmap(lambda k: jax.random.uniform(k, (in_features,)))(row_keys(0, rows))
     scores = scores.at[local, indices].set(jnp.where(free, scores[local, indices], jnp.inf))
-    return fill_free_slots(indices, free, jnp.argsort(scores, axis=1)[:, :fan_in])
+    cols = fill_free_slots(indices, free, jnp.argsort(scores, axis=1)[:, :fan_in])
+    return (cols, jnp.zeros((), jnp.int32)) if with_rounds else cols
 
-  def draw(step):
-    return jax.vmap(lambda k: jax.random.randint(k, (fan_in,), 0, in_features))(row_keys(step))
+  def draw(step, rows):
+    return jax.vmap(lambda k: jax.random.randint(k, (fan_in,), 0, in_features))(
+        row_keys(step, rows))
 
-  def sort_rows(cols, free, slots):
-    # By (column, free): a repeat is always a free slot, since kept ones are distinct.
-    # Stable, so which of two equal free slots is redrawn depends on that row alone.
+  # Rows are sorted by (column, free), stably: a repeat is always a free slot, since
+  # kept ones are distinct, and which of two equal free slots is redrawn depends on
+  # that row alone. The state is a tuple of (rows, K) arrays in that order.
+  slot_bits = (fan_in - 1).bit_length()
+  col_shift = 2 * slot_bits + 1
+  # Where (column, free, position, slot) fit in 31 bits, one int32 key holds them:
+  # a single-operand sort gives the stable (column, free) order and carries the slot.
+  packed = not all_free and col_shift + (in_features - 1).bit_length() <= 31
+  slot_mask = (1 << slot_bits) - 1
+  free_and_slot = (1 << 2 * slot_bits) | slot_mask
+
+  def columns(state):
+    return state[0] >> col_shift if packed else state[0]
+
+  def with_columns(state, cols):  # the state's rows, given these columns, sorted
     if all_free:
-      return jnp.sort(cols, axis=1), free, slots
-    return lax.sort((cols, free, slots), dimension=1, num_keys=2, is_stable=True)
+      return (jnp.sort(cols, axis=1),)
+    if packed:
+      position = lax.broadcasted_iota(jnp.int32, cols.shape, 1) << slot_bits
+      return (jnp.sort((cols << col_shift) | position | (state[0] & free_and_slot), axis=1),)
+    return lax.sort((cols, *state[1:]), dimension=1, num_keys=2, is_stable=True)
 
-  def repeated(cols):  # cols sorted per row
-    return jnp.concatenate([jnp.zeros((out, 1), bool), cols[:, 1:] == cols[:, :-1]], axis=1)
+  def repeated(state, valid):  # (n, K): a column equal to its left neighbour's
+    cols = columns(state)
+    same = cols[:, 1:] == cols[:, :-1]
+    return jnp.concatenate([jnp.zeros((cols.shape[0], 1), bool), same & valid[:, None]], axis=1)
 
-  def redraw(state):
-    step, cols, free, slots = state
-    return (step + 1, *sort_rows(jnp.where(repeated(cols), draw(step), cols), free, slots))
+  def resolve(state, rows, valid, step):
+    """Redraws the repeats of ``state``'s rows (``valid`` ones) until none is left."""
+    def redraw(carry):
+      step, state = carry
+      cols = jnp.where(repeated(state, valid), draw(step, rows), columns(state))
+      return step + 1, with_columns(state, cols)
 
-  slots = jnp.broadcast_to(jnp.arange(fan_in, dtype=jnp.int32), (out, fan_in))
-  state = (1, *sort_rows(jnp.where(free, draw(0), indices), free.astype(jnp.int32), slots))
-  _, cols, _, slots = lax.while_loop(lambda state: jnp.any(repeated(state[1])), redraw, state)
+    n = rows.shape[0]
+    cap = n // _COMPACT_FRACTION
+    if cap < _COMPACT_MIN_ROWS:
+      step, state = lax.while_loop(lambda c: jnp.any(repeated(c[1], valid)), redraw,
+                                   (step, state))
+      return state, step
+    count = lambda state: jnp.sum(jnp.any(repeated(state, valid), axis=1))
+    step, state = lax.while_loop(lambda c: count(c[1]) > cap, redraw, (step, state))
+    # The rows that still repeat (at most cap; the rest pad with an index past the end,
+    # which reads the last row, never redraws, and writes nothing back).
+    chosen = jnp.nonzero(jnp.any(repeated(state, valid), axis=1), size=cap, fill_value=n)[0]
+    take = jnp.minimum(chosen, n - 1)
+    sub, step = resolve(tuple(a[take] for a in state), rows[take], chosen < n, step)
+    return tuple(a.at[chosen].set(b, mode="drop") for a, b in zip(state, sub)), step
+
+  slots = lax.broadcasted_iota(jnp.int32, (out, fan_in), 1)
   if all_free:
-    return cols
-  # Back from sorted order to slot order.
-  return jnp.zeros((out, fan_in), jnp.int32).at[jnp.arange(out)[:, None], slots].set(cols)
+    state = ()
+  elif packed:
+    state = ((free.astype(jnp.int32) << 2 * slot_bits) | slots,)
+  else:
+    state = (slots, free.astype(jnp.int32), slots)  # the first entry: the columns' place
+  state = with_columns(state, jnp.where(free, draw(0, rows), indices))
+  state, step = resolve(state, rows, jnp.ones((out,), bool), 1)
+  if all_free:
+    cols = state[0]
+  else:
+    # Back from sorted order to slot order.
+    sorted_slots = state[0] & slot_mask if packed else state[2]
+    cols = jnp.zeros((out, fan_in), jnp.int32).at[jnp.arange(out)[:, None], sorted_slots].set(
+        columns(state))
+  return (cols, step - 1) if with_rounds else cols
 
 
 def fill_free_slots(indices: jax.Array, free: jax.Array, candidates: jax.Array) -> jax.Array:

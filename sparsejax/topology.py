@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -47,15 +48,44 @@ from sparsejax._vma import varying_like
 from sparsejax.fanin_matmul import _over_row_chunks
 from sparsejax.fixed_fanin import _draw_columns, fill_free_slots
 
-__all__ = ["SetTopologyState", "set_topology", "static_topology", "rigl_regrowth_columns",
-           "sparse_layer_names"]
+__all__ = ["RegrowthCandidates", "SetTopologyState", "set_topology", "static_topology",
+           "is_rewire_step", "max_pruned_per_row", "rigl_regrowth_columns", "sparse_layer_names"]
 
 sparse_layer_names = _tree.sparse_layer_names
 
 # RigL scores (rows, in) dense-gradient blocks; rows per block keep a block near 16 MiB.
 _RIGL_BLOCK_ELEMENTS = 1 << 22
-# SET rewires (rows, K) blocks of about this many slots (a few MiB of scratch each).
+# SET rewires (rows, K) blocks of about this many slots: on CPU a few MiB of scratch
+# each (about 30 bytes a slot); on GPU/TPU about 1 GiB, since there each block costs a
+# dozen while-loop rounds of kernel launches and host syncs, whatever its size.
 _REWIRE_BLOCK_ELEMENTS = 1 << 18
+_REWIRE_BLOCK_ELEMENTS_ACCELERATOR = 1 << 25
+
+
+def _rewire_block_elements() -> int:
+  """Slots per SET rewiring block on the default backend (read when tracing)."""
+  if jax.default_backend() == "cpu":
+    return _REWIRE_BLOCK_ELEMENTS
+  return _REWIRE_BLOCK_ELEMENTS_ACCELERATOR
+
+
+class RegrowthCandidates(NamedTuple):
+  """Per row, the best columns to regrow by RigL's score, found without the dense gradient.
+
+  For a fixed fan-in layer of ``out`` rows, e.g. from
+  ``sparsejax.xmc.chunked_loss_and_candidates``; ``set_topology`` merges them
+  with the pruned slots.
+
+  Attributes:
+    columns: ``(out, R)`` int32, per row the ``R`` columns not among its
+      current indices with the largest ``|dense gradient|``, best first (equal
+      scores: lower column first, as ``lax.top_k``).
+    scores: ``(out, R)`` float32, their ``|dense gradient|``; ``-inf`` where the
+      row has fewer than ``R`` absent columns (and on rows that do not count,
+      such as padding).
+  """
+  columns: jax.Array
+  scores: jax.Array
 
 
 class SetTopologyState(NamedTuple):
@@ -76,6 +106,45 @@ def _as_schedule(value, end_step: int, name: str) -> Callable[[jax.Array], jax.A
   if not isinstance(value, numbers.Real) or value < 0:
     raise ValueError(f"{name} must be a non-negative number or a schedule, got {value!r}")
   return optax.cosine_decay_schedule(float(value), max(end_step, 1))
+
+
+def is_rewire_step(step, *, interval: int, end_step: int):
+  """Whether update ``step`` of ``set_topology`` rewires: ``step % interval == 0``, ``<= end_step``.
+
+  ``set_topology`` decides with this very rule inside ``jit``; a caller that
+  picks an executable on the host (``update(..., rewire=False)`` on the other
+  steps) uses it with the same ``interval`` and ``end_step``.
+
+  Arguments:
+    step: the 1-based update count ``t`` (the optimizer's count before the
+      update, plus one): a Python int, or an integer array under ``jit``.
+    interval, end_step: those given to ``set_topology``.
+
+  Returns:
+    A bool (a bool array for an array ``step``).
+  """
+  return (step % interval == 0) & (step <= end_step)
+
+
+def max_pruned_per_row(fan_in: int, prune_fraction: float | optax.Schedule | None) -> int:
+  """The most slots of a row that one rewiring can prune.
+
+  ``floor(f_0 * K)`` for a number ``prune_fraction`` (cosine-decayed, so never
+  above ``f_0``), else ``K`` (a schedule may return anything up to 1, and
+  threshold mode, ``prune_fraction=None``, may prune a whole row). RigL with
+  ``regrowth_candidates`` needs at least this many candidates per row.
+
+  Arguments:
+    fan_in: ``K``.
+    prune_fraction: as given to ``set_topology``.
+
+  Returns:
+    An int in ``[0, K]``.
+  """
+  if isinstance(prune_fraction, numbers.Real):
+    # In float32, as prune_smallest counts.
+    return int(np.floor(np.float32(prune_fraction) * np.float32(fan_in)))
+  return int(fan_in)
 
 
 def set_topology(
@@ -106,7 +175,7 @@ def set_topology(
   2. regrow as many columns not among the row's kept columns (a just-pruned
      column may come back, as a new zero weight): uniformly at random
      (``"random"``, SET) or the largest ``|x^T g|`` of the dense gradient
-     (``"rigl"``, which needs ``layer_io``);
+     (``"rigl"``, which needs ``layer_io`` or ``regrowth_candidates``);
   3. the rewired slots get weight 0, and every leaf of the inner optimizer's
      state whose path ends with that layer's ``values`` path and has its shape
      (Adam ``mu``/``nu``, momentum traces, per-parameter schedules, ...) gets
@@ -133,16 +202,43 @@ def set_topology(
       to ``PartitionSpec(row_axis)``, and the rewiring runs in ``jax.shard_map``
       on each device's rows, with no gather of a layer. Every layer's row count
       must be a multiple of the ``row_axis`` size (pad it, e.g. with
-      ``sparsejax.xmc.pad_labels``). Random regrowth only.
+      ``sparsejax.xmc.pad_labels``). RigL needs ``regrowth_candidates`` here
+      (split by rows like the values), not ``layer_io``.
     row_axis: the mesh axis that holds the rows.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. ``update`` needs ``params``.
-    With RigL, pass ``layer_io={name: (x, g)}`` on rewiring steps (it is
-    needed on every step under ``jit``): for each layer, named as by
-    ``sparse_layer_names(params)``, its input ``x`` of shape ``(..., in)`` and
-    the loss gradient ``g`` w.r.t. its output, ``(..., out)``. Other extra
-    arguments go to ``inner``.
+    An ``optax.GradientTransformationExtraArgs``. ``update(grads, state,
+    params, *, rewire=None, layer_io=None, regrowth_candidates=None, ...)``
+    needs ``params``; other extra arguments go to ``inner``.
+
+    ``rewire`` (static, a Python value): ``None`` decides inside ``jit``
+    whether this update rewires (``is_rewire_step`` of the update count).
+    ``False`` states that it does not: nothing of the rewiring is traced (a
+    smaller, faster executable), and the update is the inner step with
+    unchanged indices. If ``False`` is given on an update that is due to
+    rewire, that rewiring is skipped (the count still advances): pick it on
+    the host with ``is_rewire_step(count + 1, interval=..., end_step=...)``.
+
+    With RigL, on every update that may rewire (``rewire=None``), give one of:
+
+    - ``layer_io={name: (x, g)}``: for each layer, named as by
+      ``sparse_layer_names(params)``, its input ``x`` of shape ``(..., in)``
+      and the loss gradient ``g`` w.r.t. its output, ``(..., out)``; the
+      dense gradient ``x^T g`` is formed in blocks of rows. No mesh.
+    - ``regrowth_candidates={name: RegrowthCandidates(columns, scores)}``:
+      for each layer, ``(out, R)`` int columns and float scores, per row the
+      ``R`` columns not among the row's current indices with the largest
+      ``|dense gradient|`` (best first, ``-inf`` scores for unused entries;
+      e.g. from ``sparsejax.xmc.chunked_loss_and_candidates``). Each pruned
+      slot is scored by ``|gradient of its value|`` from ``grads``, the
+      union ordered by (score descending, column ascending), and the j-th
+      pruned slot (in slot order) takes the j-th best: exactly
+      ``rigl_regrowth_columns`` as long as ``R`` is at least the slots a row
+      prunes, so ``R >= max_pruned_per_row(K, prune_fraction)`` is checked
+      (``K`` for a schedule or threshold mode). The scores must be on the
+      scale of ``grads``: for a loss mixed as ``(1 - a) main + a aux``, where
+      the candidates come from the main loss's gradient, scale them by
+      ``1 - a``. Work and memory ``O(out (K + R))``; works with ``mesh``.
   """
   if not isinstance(interval, numbers.Integral) or interval < 1:
     raise ValueError(f"interval must be a positive integer, got {interval!r}")
@@ -159,9 +255,6 @@ def set_topology(
     if not isinstance(mesh, Mesh) or row_axis not in mesh.axis_names:
       raise ValueError(f"mesh must be a jax.sharding.Mesh with a '{row_axis}' axis (row_axis), "
                        f"got {mesh!r}")
-    if regrowth == "rigl":
-      raise ValueError("regrowth='rigl' with a mesh is not implemented (its dense-gradient "
-                       "scores need every row's input); use regrowth='random' or mesh=None")
   fraction = _as_schedule(prune_fraction, end_step, "prune_fraction")
   threshold = _as_schedule(prune_threshold, end_step, "prune_threshold")
   inner = optax.with_extra_args_support(inner)
@@ -185,7 +278,11 @@ def set_topology(
     return SetTopologyState(count=jnp.zeros((), jnp.int32),
                             inner_state=shard_moments(inner_state, layers))
 
-  def update_fn(updates, state, params=None, *, layer_io=None, **extra_args):
+  def update_fn(updates, state, params=None, *, rewire=None, layer_io=None,
+                regrowth_candidates=None, **extra_args):
+    if not (rewire is None or rewire is False):
+      raise ValueError("set_topology: rewire must be None (decided inside jit) or False (not "
+                       f"a rewiring step; see is_rewire_step), got {rewire!r}")
     leaves, grad_leaves, treedef = _flatten_params_and_grads(params, updates, "set_topology")
     inner_updates, inner_state = inner.update(
         _strip_indices(grad_leaves, treedef), state.inner_state,
@@ -194,19 +291,58 @@ def set_topology(
 
     layers = _tree.sparse_layers(params)
     _check_rows(layers, mesh, row_axis)
-    names = [_tree.path_name(path) for path, _ in layers]
     positions = [i for i, leaf in enumerate(leaves) if _tree.is_sparse_layer(leaf)]
     old_indices = [_tree.field(leaves[i], "indices") for i in positions]
-    # Pruning ranks the weights this step would produce.
-    stepped = [_tree.field(leaves[i], "values") + _tree.field(update_leaves[i], "values")
-               for i in positions]
-    if regrowth == "rigl":
-      io = _check_layer_io(layer_io, layers, names)
-    else:
-      sizes = [_in_features(layer, name, in_features) for (_, layer), name in zip(layers, names)]
     step = state.count + 1
+    if rewire is False:
+      new_indices, pruned_slots = old_indices, None
+    else:
+      new_indices, pruned_slots = rewire_all(
+          layers, old_indices, [leaves[i] for i in positions],
+          [update_leaves[i] for i in positions], [grad_leaves[i] for i in positions], step,
+          layer_io, regrowth_candidates)
 
-    def rewire_layer(n, indices, w, step, first_row):
+    out_leaves, resets = list(update_leaves), {}
+    for n, (i, (path, layer), indices) in enumerate(zip(positions, layers, old_indices)):
+      value_update = _tree.field(update_leaves[i], "values")
+      index_update = jnp.zeros_like(indices)
+      if pruned_slots is not None:
+        values = _tree.field(layer, "values").astype(value_update.dtype)
+        # values + (-values) is exactly 0; indices + (new - old) wraps back to new.
+        value_update = jnp.where(pruned_slots[n], -values, value_update)
+        index_update = new_indices[n] - indices
+        resets[(*path, _tree.values_key(layer))] = pruned_slots[n]
+      out_leaves[i] = _tree.replace_fields(update_leaves[i], values=shard_rows(value_update),
+                                           indices=shard_rows(index_update))
+    inner_state = _map_moments(inner_state, resets,
+                               lambda leaf, mask: jnp.where(mask, jnp.zeros((), leaf.dtype), leaf))
+    inner_state = shard_moments(inner_state, layers)
+    return treedef.unflatten(out_leaves), SetTopologyState(step, inner_state)
+
+  def rewire_all(layers, old_indices, layer_params, layer_updates, layer_grads, step, layer_io,
+                 regrowth_candidates):
+    """``(new indices, pruned)`` of every layer, under ``lax.cond(is_rewire_step(step))``."""
+    names = [_tree.path_name(path) for path, _ in layers]
+    # Per-row RigL inputs, split by rows with the layer: (value grads, columns, scores).
+    rows_in = [()] * len(layers)
+    if regrowth == "random":
+      sizes = [_in_features(layer, name, in_features) for (_, layer), name in zip(layers, names)]
+    elif regrowth_candidates is not None:
+      if layer_io is not None:
+        raise ValueError("set_topology: give layer_io or regrowth_candidates, not both")
+      candidates = _check_candidates(regrowth_candidates, layers, names, prune_fraction)
+      rows_in = [(_tree.field(grads, "values"), *c) for grads, c in zip(layer_grads, candidates)]
+    elif mesh is not None:
+      raise ValueError("set_topology: regrowth='rigl' with a mesh needs regrowth_candidates= "
+                       "(split by rows like the values) in update(); layer_io's dense-gradient "
+                       "scores would need every row's gradient on each device")
+    else:
+      io = _check_layer_io(layer_io, layers, names)
+    # Pruning ranks the weights this step would produce.
+    stepped = [_tree.field(p, "values") + _tree.field(u, "values")
+               for p, u in zip(layer_params, layer_updates)]
+
+    def rewire_layer(n, indices, w, step, first_row, rows_in):
       """Layer ``n``'s ``(new indices, pruned)`` for its rows from global row ``first_row``."""
       if fraction is not None:
         select = lambda w: prune_smallest(w, fraction(step))
@@ -216,6 +352,9 @@ def set_topology(
         layer_key = jax.random.fold_in(jax.random.fold_in(key, step), n)
         regrow = lambda start, idx, pruned: _draw_columns(
             layer_key, idx, pruned, sizes[n], first_row + start, all_free=False)
+      elif rows_in:
+        regrow = lambda start, idx, pruned: _rigl_from_candidates(
+            idx, pruned, *(lax.dynamic_slice_in_dim(a, start, idx.shape[0]) for a in rows_in))
       else:
         x, g = io[n]
         g = g.reshape(-1, indices.shape[0])
@@ -227,15 +366,15 @@ def set_topology(
       new_indices, pruned_slots = [], []
       for n, (indices, w) in enumerate(zip(old_indices, stepped)):
         if mesh is None:
-          new, pruned = rewire_layer(n, indices, w, step, 0)
+          new, pruned = rewire_layer(n, indices, w, step, 0, rows_in[n])
         else:
           # Each device rewires its own rows; the step enters replicated.
-          def local(indices, w, step, n=n):
+          def local(indices, w, step, rows_in, n=n):
             first_row = lax.axis_index(row_axis) * indices.shape[0]
-            return rewire_layer(n, indices, w, step, first_row)
+            return rewire_layer(n, indices, w, step, first_row, rows_in)
           new, pruned = jax.shard_map(
-              local, mesh=mesh, in_specs=(P(row_axis), P(row_axis), P()),
-              out_specs=(P(row_axis), P(row_axis)))(indices, w, step)
+              local, mesh=mesh, in_specs=(P(row_axis), P(row_axis), P(), P(row_axis)),
+              out_specs=(P(row_axis), P(row_axis)))(indices, w, step, rows_in[n])
         new_indices.append(new)
         pruned_slots.append(pruned)
       return new_indices, pruned_slots
@@ -243,23 +382,8 @@ def set_topology(
     def keep(stepped):
       return old_indices, [jnp.zeros(w.shape, bool) for w in stepped]
 
-    rewire_now = (step % interval == 0) & (step <= end_step)
-    new_indices, pruned_slots = lax.cond(rewire_now, rewire, keep, stepped)
-
-    out_leaves, resets = list(update_leaves), {}
-    for i, (path, layer), indices, new, pruned in zip(
-        positions, layers, old_indices, new_indices, pruned_slots):
-      value_update = _tree.field(update_leaves[i], "values")
-      values = _tree.field(layer, "values").astype(value_update.dtype)
-      # values + (-values) is exactly 0; indices + (new - old) wraps back to new.
-      out_leaves[i] = _tree.replace_fields(
-          update_leaves[i], values=shard_rows(jnp.where(pruned, -values, value_update)),
-          indices=shard_rows(new - indices))
-      resets[(*path, _tree.values_key(layer))] = pruned
-    inner_state = _map_moments(inner_state, resets,
-                               lambda leaf, mask: jnp.where(mask, jnp.zeros((), leaf.dtype), leaf))
-    inner_state = shard_moments(inner_state, layers)
-    return treedef.unflatten(out_leaves), SetTopologyState(step, inner_state)
+    return lax.cond(is_rewire_step(step, interval=interval, end_step=end_step), rewire, keep,
+                    stepped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -310,11 +434,19 @@ def prune_smallest(w: jax.Array, fraction: jax.Array) -> jax.Array:
 
   Ties prune the lower slot first. Returns a bool ``(out, K)`` mask.
   """
+  fan_in = w.shape[1]
   magnitude = jnp.abs(w.astype(jnp.float32))
-  count = jnp.floor(jnp.asarray(fraction, jnp.float32) * w.shape[1]).astype(jnp.int32)
-  order = jnp.argsort(magnitude, axis=1, stable=True)
-  rank = jnp.argsort(order, axis=1, stable=True)
-  return rank < count
+  # Non-negative floats order as their bits (NaN, made canonical, last as in a sort),
+  # so one integer sort per row gives the count-th smallest, ``kth``; the stable
+  # order prunes every smaller |w|, then the first slots equal to ``kth``.
+  bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(magnitude), jnp.nan, magnitude),
+                                  jnp.int32)
+  count = jnp.floor(jnp.asarray(fraction, jnp.float32) * fan_in).astype(jnp.int32)
+  kth = lax.dynamic_index_in_dim(jnp.sort(bits, axis=1), jnp.clip(count - 1, 0, fan_in - 1),
+                                 axis=1)
+  less, tie = bits < kth, bits == kth
+  ties_pruned = count - jnp.sum(less, axis=1, keepdims=True)
+  return (count > 0) & (less | (tie & (jnp.cumsum(tie, axis=1) <= ties_pruned)))
 
 
 def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
@@ -358,9 +490,10 @@ def _rewire_rows(select, regrow, indices, w):
   """``(new indices, pruned)`` of one layer, rewired block by block of rows.
 
   ``select(w_block) -> pruned_block`` and ``regrow(start, indices_block,
-  pruned_block) -> columns`` see ``_REWIRE_BLOCK_ELEMENTS`` slots at a time, so
-  the per-row sorts and draws need scratch for one block, not a dozen
-  ``(out, K)`` arrays (which, at 500k labels, outweighed the classifier itself).
+  pruned_block) -> columns`` see ``_rewire_block_elements()`` slots at a time,
+  so on CPU the per-row sorts and draws need scratch for one block, not a dozen
+  ``(out, K)`` arrays (which, at 500k labels, outweighed the classifier itself);
+  on GPU/TPU the few large blocks keep that bounded too.
   """
   out, fan_in = indices.shape
 
@@ -372,7 +505,7 @@ def _rewire_rows(select, regrow, indices, w):
     return (lax.dynamic_update_slice_in_dim(new, cols, start, 0),
             lax.dynamic_update_slice_in_dim(pruned, dropped, start, 0))
 
-  rows = max(1, min(out, _REWIRE_BLOCK_ELEMENTS // fan_in))
+  rows = max(1, min(out, _rewire_block_elements() // fan_in))
   carry = varying_like((indices, jnp.zeros(indices.shape, bool)), indices, w)
   return _over_row_chunks(block, out, rows, carry)
 
@@ -428,9 +561,11 @@ def _in_features(layer, name, in_features):
 
 
 def _check_layer_io(layer_io, layers, names):
+  """The ``(x, g)`` of each layer, checked against its shape."""
   if layer_io is None:
-    raise ValueError("regrowth='rigl' needs layer_io={name: (x, g)} in update(); layers: "
-                     f"{names}")
+    raise ValueError("regrowth='rigl' needs layer_io={name: (x, g)} or regrowth_candidates="
+                     "{name: RegrowthCandidates(columns, scores)} in update() on every update "
+                     f"that may rewire (rewire=None); layers: {names}")
   io = []
   for (_, layer), name in zip(layers, names):
     if name not in layer_io:
@@ -446,3 +581,47 @@ def _check_layer_io(layer_io, layers, names):
                        f"reads {layer.in_features}")
     io.append((x, g))
   return io
+
+
+def _check_candidates(regrowth_candidates, layers, names, prune_fraction):
+  """The ``(columns, scores)`` of each layer: ``(out, R)`` each, enough of them per row."""
+  candidates = []
+  for (_, layer), name in zip(layers, names):
+    if name not in regrowth_candidates:
+      raise ValueError(f"regrowth_candidates has no entry for sparse layer '{name}' "
+                       f"(has {sorted(regrowth_candidates)})")
+    columns, scores = regrowth_candidates[name]
+    out, fan_in = _tree.field(layer, "values").shape
+    if jnp.ndim(columns) != 2 or jnp.shape(columns)[0] != out or (
+        jnp.shape(scores) != jnp.shape(columns)):
+      raise ValueError(f"regrowth_candidates['{name}']: columns {jnp.shape(columns)} and scores "
+                       f"{jnp.shape(scores)} must both be ({out}, R)")
+    if not jnp.issubdtype(jnp.result_type(columns), jnp.integer) or not jnp.issubdtype(
+        jnp.result_type(scores), jnp.floating):
+      raise ValueError(f"regrowth_candidates['{name}']: columns must be integers and scores "
+                       f"floats, got {jnp.result_type(columns)} and {jnp.result_type(scores)}")
+    need = max_pruned_per_row(fan_in, prune_fraction)
+    if jnp.shape(columns)[1] < need:
+      raise ValueError(
+          f"regrowth_candidates['{name}'] has {jnp.shape(columns)[1]} candidates per row, but a "
+          f"row can prune up to {need} of its K={fan_in} slots (max_pruned_per_row: floor(f_0 "
+          "K) for a number prune_fraction, else K); RigL needs at least that many")
+    candidates.append((columns, scores))
+  return candidates
+
+
+def _rigl_from_candidates(indices, pruned, value_grads, columns, scores):
+  """RigL's new ``(rows, K)`` int32 columns from per-row candidates (see ``set_topology``).
+
+  The pruned slots, scored by ``|value_grads|``, and the candidates with a
+  finite score compete by (score descending, column ascending); the j-th
+  pruned slot takes the j-th. The kept slots and unused (``-inf``) candidates
+  sort last, behind at least as many eligible entries as there are pruned
+  slots, so no kept column is ever chosen twice.
+  """
+  eligible = jnp.concatenate([pruned, scores > -jnp.inf], axis=1)
+  score = jnp.concatenate([jnp.abs(value_grads.astype(jnp.float32)),
+                           scores.astype(jnp.float32)], axis=1)
+  cols = jnp.concatenate([indices.astype(jnp.int32), columns.astype(jnp.int32)], axis=1)
+  _, _, ranked = lax.sort((~eligible, -score, cols), dimension=1, num_keys=3)
+  return fill_free_slots(indices, pruned, ranked)

@@ -1,6 +1,9 @@
 """The benchmark scripts run at toy sizes and write their own BENCHMARKS.md section."""
 
+import importlib.util
+
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import fanin_memory
 
@@ -23,20 +26,82 @@ def test_fanin_memory_measures_and_writes_section(tmp_path):
   assert "kept above" in text and "<!-- other:start -->" in text
 
 
-def test_kernel_benchmark_checks_times_and_writes_section(tmp_path):
+def test_kernel_benchmark_checks_times_and_writes_section(tmp_path, monkeypatch):
   from benchmarks import kernels
-  rows = kernels.run([300], [4], batch=8, in_features=32, repeats=1, max_dense_bytes=2**30,
-                     xla_max_out=300)
-  paths = {r.path: r for r in rows}
-  assert paths["xla"].ms > 0 and "check rel err" in paths["xla"].note
-  assert paths["pallas"].ms is None and "no GPU" in paths["pallas"].note  # CPU says so
+  original = kernels._sparse_step
+
+  def failing(impl):  # a path that does not compile must become a row, not stop the run
+    if impl != "auto":
+      return original(impl)
+
+    def step(*args):
+      raise RuntimeError("kernel failed to compile")
+    return step
+
+  monkeypatch.setattr(kernels, "_sparse_step", failing)
+  paths = kernels.parse_paths(["dense-bf16", "xla-f32", "pallas-bf16", "xla_tile-f32",
+                               "xla_tile-bf16", "pallas_tile-bf16", "auto-f32"])
+  rows = kernels.run([300, 600], [4], batch=8, in_features=32, repeats=1,
+                     max_dense_bytes=2**30, xla_max_out=300, paths=paths)
+  by = {(r.out, r.path): r for r in rows}
+  assert [r.path for r in rows[:2]] == ["dense bf16", "xla f32"]  # dense first per out
+  for path in ("xla f32", "xla_tile f32", "xla_tile bf16"):
+    assert by[300, path].ms > 0 and "check rel err" in by[300, path].note
+  assert by[300, "xla_tile bf16"].rel_err < kernels.TOLERANCE["bf16"]
+  assert by[600, "xla f32"].ms is None and "--xla_max_out" in by[600, "xla f32"].note
+  for path in ("pallas bf16", "pallas_tile bf16"):  # CPU says so
+    assert by[300, path].ms is None and "no GPU" in by[300, path].note
+  failed = by[300, "auto f32"]
+  assert failed.ms is None and failed.status == "error" and "failed to compile" in failed.note
+  assert kernels.check_ragged("xla_tile").endswith("passed")
+  rate = kernels.matmul_rate(64, repeats=2)
+  assert rate > 0
+
+  csv = tmp_path / "dispatch.csv"
+  kernels.write_dispatch_csv(csv, rows, 8, 32)
+  lines = csv.read_text().splitlines()
+  assert lines[0] == kernels.CSV_HEADER and len(lines) == len(rows) + 1
+  assert lines[1].startswith("cpu,") and ",300,0,bf16,dense," in lines[1]
+
   nm_rows = kernels.run_nm(16, 8, 12, jnp.float32, repeats=1)
   assert {r.pruning for r in nm_rows} == {"1:2 mvue", "2:4 mvue", "2:4 mvue_approx"}
   assert all(r.ms > 0 for r in nm_rows if "xla" in r.path)
   section = kernels.render_section(rows, 10.0, "python benchmarks/kernels.py", nm_rows,
-                                   (16, 8, 12, "float32"))
+                                   (16, 8, 12, "float32"), rate=rate, matmul_size=64,
+                                   batch=8, in_features=32)
   path = tmp_path / "BENCHMARKS.md"
   kernels.write_section(path, section)
   kernels.write_section(path, section)
   text = path.read_text()
   assert text.count(kernels.START_MARKER) == 1 and "| 2:4 mvue | mask: xla |" in text
+  assert "of FLOP floor" in text and "bf16 matmul rate" in text
+
+
+def test_torch_peer_without_torch_and_its_rows(tmp_path):
+  """No torch here: the peer and kernels.py say so; a peer's line becomes a table row."""
+  from benchmarks import kernels, torch_peer
+  if importlib.util.find_spec("torch") is not None:
+    pytest.skip("torch is installed: the no-torch path cannot be seen here")
+  jsonl = tmp_path / "torch.jsonl"
+  assert torch_peer.main(["--outs", "100", "--fan_ins", "4", "--output", str(jsonl)]) == 0
+  lines = kernels.read_torch_lines(jsonl)
+  assert [line["path"] for line in lines] == ["torch csr f32", "torch csr bf16"]
+  assert all("torch not importable" in line["error"] for line in lines)
+  rows, about = kernels.run_torch_peer([100], [4], 8, 32, 1, ["f32"], tmp_path / "peer.jsonl",
+                                       timeout=60)
+  (row,) = rows
+  assert row.path == "torch csr f32" and row.ms is None and row.status == "skipped"
+  assert "not importable" in row.note and "not importable" in about
+
+  measured = dict(out=100, fan_in=4, dtype="float32", ms=1.5, forward_ms=0.5, dx_ms=0.5,
+                  dvalues_ms=0.4, rel_err=2e-7, check="ok", dx_mode="csc")
+  failed = dict(out=100, fan_in=4, dtype="bfloat16", error="RuntimeError: no bf16 SDDMM")
+  rows = kernels.torch_rows([measured, failed], [(100, 4, "f32"), (100, 4, "bf16"),
+                                                 (200, 4, "f32")], 8, 32, "timed out")
+  assert rows[0].ms == 1.5 and "dx 0.50 (csc)" in rows[0].note and rows[0].status == "ok"
+  assert rows[1].ms is None and "no bf16 SDDMM" in rows[1].note and rows[1].status == "error"
+  assert rows[2].ms is None and rows[2].note == "timed out"
+  merged = kernels.run([100], [4], batch=8, in_features=32, repeats=1, max_dense_bytes=2**30,
+                       xla_max_out=0, paths=kernels.parse_paths(["dense-bf16"]),
+                       torch_rows=rows)
+  assert [r.path for r in merged] == ["dense bf16", "torch csr f32", "torch csr bf16"]

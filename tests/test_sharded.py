@@ -158,6 +158,39 @@ def test_nnx_value_and_grad_through_an_encoder():
       np.testing.assert_allclose(got_leaf, leaf[...], rtol=1e-5, atol=1e-6, err_msg=str(path))
 
 
+def _loss_and_candidates(loss_fn):
+  """Jitted ``(c, h) -> ((loss, candidates), (dc, dh))`` of ``loss_fn(c, h)``."""
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True, allow_int=True))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sharded_candidates_equal_one_device(spec):
+  mesh = xmc.mesh_from_spec(spec)
+  _, classifier = _classifier("fixed_fanin", 37)
+  h = jax.random.normal(jax.random.key(9), (B, D))
+  kwargs = dict(loss="bce", chunk_size=3, num_candidates=3)
+  (want, want_candidates), (want_dc, want_dh) = _loss_and_candidates(
+      lambda c, h: xmc.chunked_loss_and_candidates(c, h, LABEL_IDS, LABEL_MASK, **kwargs))(
+          classifier, h)
+  padded, h_sharded, ids, mask = _place(mesh, classifier, h, LABEL_IDS, LABEL_MASK)
+  (got, candidates), (got_dc, got_dh) = _loss_and_candidates(
+      lambda c, h: xmc.sharded_chunked_loss_and_candidates(c, h, ids, mask, mesh=mesh,
+                                                           num_labels=37, **kwargs))(
+          padded, h_sharded)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_dh, want_dh, rtol=1e-5, atol=1e-6)
+  for name in ("values", "bias"):
+    np.testing.assert_allclose(np.asarray(got_dc[name])[:37], want_dc[name], rtol=1e-5,
+                               atol=1e-6)
+  # The whole batch's candidates, on each device its rows; padded rows have none.
+  rows = NamedSharding(mesh, P("labels"))
+  assert all(leaf.sharding.is_equivalent_to(rows, 2) for leaf in candidates)
+  np.testing.assert_array_equal(np.asarray(candidates.columns)[:37], want_candidates.columns)
+  np.testing.assert_allclose(np.asarray(candidates.scores)[:37], want_candidates.scores,
+                             rtol=1e-5, atol=1e-7)
+  assert np.isneginf(np.asarray(candidates.scores)[37:]).all()
+
+
 def _dyadic(key, shape):
   """Multiples of 1/4 in [-2, 2]: sums of a few products are exact in any order."""
   return jax.random.randint(key, shape, -8, 9).astype(jnp.float32) / 4
@@ -371,12 +404,12 @@ def test_sharded_errors():
   with pytest.raises(ValueError, match=r"k must be an integer in \[1, num_labels=37\]"):
     xmc.sharded_chunked_topk(logits_fn, classifier, h, mesh=mesh, num_labels=37, k=38,
                              chunk_size=4)
+  with pytest.raises(ValueError, match="a fixed fan-in classifier must be"):
+    xmc.sharded_chunked_loss_and_candidates(classifier, h, LABEL_IDS, LABEL_MASK, mesh=mesh,
+                                            num_labels=37, chunk_size=4, num_candidates=2)
   with pytest.raises(ValueError, match="with a 'rows' axis"):
     sj.set_topology(optax.sgd(0.1), key=jax.random.key(0), interval=1, end_step=5,
                     mesh=mesh, row_axis="rows")
-  with pytest.raises(ValueError, match="rigl"):
-    sj.set_topology(optax.sgd(0.1), key=jax.random.key(0), interval=1, end_step=5,
-                    mesh=mesh, regrowth="rigl")
   tx = sj.set_topology(optax.sgd(0.1), key=jax.random.key(0), interval=1, end_step=5, mesh=mesh)
   with pytest.raises(ValueError, match="'clf' has 38 rows, not a multiple of the 4"):
     tx.init({"clf": {"values": jnp.ones((38, 3)), "indices": jnp.zeros((38, 3), jnp.int32)}})

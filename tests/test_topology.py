@@ -345,3 +345,270 @@ def test_plain_jax_regression_needs_set_to_find_the_support():
   with_set, without = _teacher_student(True), _teacher_student(False)
   assert without > 3.5, without
   assert with_set < 0.25, with_set
+
+
+def _dense_candidates(indices, x, g, r):
+  """The RegrowthCandidates contract from the dense gradient: per row the r best absent columns."""
+  out = indices.shape[0]
+  score = jnp.abs(x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, out)).T  # (out, in), as RigL's
+  score = score.at[jnp.arange(out)[:, None], indices.astype(jnp.int32)].set(-jnp.inf)
+  scores, columns = jax.lax.top_k(score, r)
+  return sj.RegrowthCandidates(columns.astype(jnp.int32), scores)
+
+
+def _rigl_step(params, x, g, tx, **extra):
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, **extra)
+  return optax.apply_updates(params, updates)["clf"], state
+
+
+@pytest.mark.parametrize("in_features, out, k, fraction, extra_r", [
+    (24, 10, 4, 0.5, 0),     # R = floor(f_0 K) exactly
+    (30, 17, 6, 0.4, 3),     # more candidates than needed
+    (9, 12, 5, 0.6, 2),      # R > in - K: -inf entries the merge must skip
+    (20, 11, 5, None, 0),    # threshold mode: R = K
+])
+def test_rigl_candidates_equal_layer_io(monkeypatch, in_features, out, k, fraction, extra_r):
+  params = {"clf": _setup(in_features, out, k, seed=in_features)}
+  x = jax.random.normal(jax.random.key(1), (8, in_features))
+  g = jax.grad(lambda y: jnp.mean((y - 1.0) ** 2))(params["clf"](x))
+  schedule = (dict(prune_fraction=fraction) if fraction is not None
+              else dict(prune_fraction=None, prune_threshold=0.8))
+  tx = sj.set_topology(optax.adam(0.01), key=jax.random.key(0), interval=1, end_step=5,
+                       regrowth="rigl", **schedule)
+  r = topology.max_pruned_per_row(k, fraction) + extra_r
+  assert r == (int(np.floor(fraction * k)) if fraction is not None else k) + extra_r
+  via_io, io_state = _rigl_step(params, x, g, tx, layer_io={"clf": (x, g)})
+  candidates = {"clf": _dense_candidates(params["clf"].indices, x, g, r)}
+  via_candidates, state = _rigl_step(params, x, g, tx, regrowth_candidates=candidates)
+  pruned = np.asarray(via_io.values == 0)
+  assert pruned.any() and (~pruned).any()
+  np.testing.assert_array_equal(
+      via_io.indices, topology.rigl_regrowth_columns(params["clf"].indices, pruned, x, g))
+  np.testing.assert_array_equal(via_candidates.indices, via_io.indices)
+  np.testing.assert_array_equal(via_candidates.values, via_io.values)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(io_state)):
+    np.testing.assert_array_equal(a, b)
+  # In blocks of 2 rows and a ragged tail: the same columns.
+  monkeypatch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 2 * k)
+  blocked, _ = _rigl_step(params, x, g, tx, regrowth_candidates=candidates)
+  np.testing.assert_array_equal(blocked.indices, via_io.indices)
+
+
+def test_rigl_candidates_on_a_mesh_equal_one_device():
+  # 16 rows over 4 label shards (the other 2 x 4 devices replicate), candidates split by rows.
+  params = {"clf": _setup(20, 16, 5, seed=2)}
+  x = jax.random.normal(jax.random.key(1), (8, 20))
+  g = jax.grad(lambda y: jnp.mean((y - 1.0) ** 2))(params["clf"](x))
+  candidates = {"clf": _dense_candidates(params["clf"].indices, x, g, 2)}
+  mesh = sj.xmc.mesh_from_spec("data:2,labels:4")
+  common = dict(key=jax.random.key(0), interval=1, end_step=5, regrowth="rigl",
+                prune_fraction=0.5)
+  want, _ = _rigl_step(params, x, g, sj.set_topology(optax.adam(0.01), **common),
+                       regrowth_candidates=candidates)
+  tx = sj.set_topology(optax.adam(0.01), mesh=mesh, **common)
+  got, _ = _rigl_step(params, x, g, tx, regrowth_candidates=candidates)
+  assert (np.asarray(want.values) == 0).sum() == 16 * 2
+  np.testing.assert_array_equal(got.indices, want.indices)
+  np.testing.assert_array_equal(got.values, want.values)
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  with pytest.raises(ValueError, match="with a mesh needs regrowth_candidates"):
+    tx.update(grads, tx.init(params), params, layer_io={"clf": (x, g)})
+
+
+def test_rigl_candidates_errors():
+  params = {"clf": _setup(24, 10, 4)}
+  x = jax.random.normal(jax.random.key(1), (8, 24))
+  g = jax.grad(lambda y: jnp.mean((y - 1.0) ** 2))(params["clf"](x))
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  candidates = _dense_candidates(params["clf"].indices, x, g, 4)
+
+  def update(tx=None, **extra):
+    tx = tx or sj.set_topology(optax.sgd(0.01), key=jax.random.key(0), interval=1, end_step=5,
+                               regrowth="rigl", prune_fraction=0.5)
+    return tx.update(grads, tx.init(params), params, **extra)
+
+  with pytest.raises(ValueError, match="needs layer_io=.* or regrowth_candidates="):
+    update()
+  with pytest.raises(ValueError, match="no entry for sparse layer 'clf'"):
+    update(regrowth_candidates={"other": candidates})
+  with pytest.raises(ValueError, match="not both"):
+    update(regrowth_candidates={"clf": candidates}, layer_io={"clf": (x, g)})
+  # floor(0.5 * 4) = 2 slots may go per row: 1 candidate is too few.
+  with pytest.raises(ValueError, match="has 1 candidates per row, but a row can prune up to 2"):
+    update(regrowth_candidates={"clf": sj.RegrowthCandidates(*(a[:, :1] for a in candidates))})
+  threshold = sj.set_topology(optax.sgd(0.01), key=jax.random.key(0), interval=1, end_step=5,
+                              regrowth="rigl", prune_fraction=None, prune_threshold=0.1)
+  with pytest.raises(ValueError, match="can prune up to 4 of its K=4"):
+    update(threshold, regrowth_candidates={"clf": sj.RegrowthCandidates(
+        *(a[:, :3] for a in candidates))})
+  with pytest.raises(ValueError, match=r"must both be \(10, R\)"):
+    update(regrowth_candidates={"clf": sj.RegrowthCandidates(*(a[:5] for a in candidates))})
+  with pytest.raises(ValueError, match="columns must be integers"):
+    update(regrowth_candidates={"clf": (candidates.scores, candidates.scores)})
+  with pytest.raises(ValueError, match="rewire must be None .* or False"):
+    update(rewire=True, regrowth_candidates={"clf": candidates})
+  # An update stated not to rewire needs no RigL input at all.
+  update(rewire=False)
+
+
+def test_rewire_false_traces_no_rewiring_and_is_the_inner_step(monkeypatch):
+  params = {"a": _setup(20, 8, 4)}
+  x = jax.random.normal(jax.random.key(1), (16, 20))
+  grads = jax.grad(_loss, allow_int=True)(params, {"a": x}, 1.0)
+  inner = optax.adam(0.05)
+  tx = sj.set_topology(inner, key=jax.random.key(3), interval=2, end_step=10)
+  state = tx.init(params)
+  state = state._replace(count=jnp.asarray(3, jnp.int32))  # update 4 is due to rewire
+  rewired, _ = tx.update(grads, state, params)
+  not_rewiring = lambda *args: tx.update(*args, rewire=False)
+  kept, kept_state = jax.jit(not_rewiring)(grads, state, params)
+  assert not np.array_equal(rewired["a"].indices, 0)  # the cond rewired update 4
+  # The inner step, indices untouched, the count advanced; the due rewiring is skipped.
+  plain, plain_state = jax.jit(inner.update)(
+      topology._strip_indices(*sj._tree.flatten_layers(grads)), state.inner_state,
+      topology._strip_indices(*sj._tree.flatten_layers(params)))
+  np.testing.assert_array_equal(kept["a"].values, plain["a"].values)
+  np.testing.assert_array_equal(kept["a"].indices, 0)
+  assert kept["a"].indices.dtype == params["a"].indices.dtype
+  assert int(kept_state.count) == 4
+  for a, b in zip(jax.tree.leaves(kept_state.inner_state), jax.tree.leaves(plain_state)):
+    np.testing.assert_array_equal(a, b)
+  # On an update not due, the same bits as the cond's no-rewiring branch.
+  off = state._replace(count=jnp.asarray(4, jnp.int32))
+  by_cond, _ = jax.jit(tx.update)(grads, off, params)
+  np.testing.assert_array_equal(by_cond["a"].values, plain["a"].values)
+  # Nothing of the rewiring is traced: no cond, no sort, and _rewire_rows is never called.
+  def traced(*args):
+    raise RuntimeError("traced rewiring")
+
+  monkeypatch.setattr(topology, "_rewire_rows", traced)
+  jaxpr = str(jax.make_jaxpr(not_rewiring)(grads, state, params))
+  assert "cond" not in jaxpr and "sort" not in jaxpr
+  with pytest.raises(RuntimeError, match="traced rewiring"):  # a fresh trace, with the cond
+    jax.make_jaxpr(lambda *args: tx.update(*args))(grads, state, params)
+
+
+def test_is_rewire_step_is_the_rule_of_the_cond():
+  params = {"a": _setup(20, 8, 4)}
+  grads = jax.grad(_loss, allow_int=True)(params, {"a": jnp.ones((4, 20))}, 1.0)
+  interval, end_step = 3, 13
+  tx = sj.set_topology(optax.sgd(0.0), key=jax.random.key(3), interval=interval,
+                       end_step=end_step, prune_fraction=lambda t: 0.5)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  due = []
+  for t in range(1, 20):
+    updates, _ = update(grads, state._replace(count=jnp.asarray(t - 1, jnp.int32)), params)
+    rewired = bool(np.any(optax.apply_updates(params, updates)["a"].values == 0))
+    assert rewired == sj.is_rewire_step(t, interval=interval, end_step=end_step), t
+    assert bool(sj.is_rewire_step(jnp.asarray(t), interval=interval, end_step=end_step)) == rewired
+    due.append(rewired)
+  assert [t for t, d in enumerate(due, 1) if d] == [3, 6, 9, 12]
+
+
+def _prune_by_two_argsorts(w, fraction):
+  """prune_smallest's first definition: the rank of each |w| in its row, by two argsorts."""
+  magnitude = jnp.abs(w.astype(jnp.float32))
+  count = jnp.floor(jnp.asarray(fraction, jnp.float32) * w.shape[1]).astype(jnp.int32)
+  rank = jnp.argsort(jnp.argsort(magnitude, axis=1, stable=True), axis=1, stable=True)
+  return rank < count
+
+
+@pytest.mark.parametrize("fan_in", [1, 7, 64])
+def test_prune_smallest_equals_the_two_argsort_definition(fan_in):
+  keys = jax.random.split(jax.random.key(fan_in), 3)
+  ties = jax.random.randint(keys[0], (300, fan_in), -2, 3).astype(jnp.float32)  # |w| in {0, 1, 2}
+  odd = jnp.where(jax.random.bernoulli(keys[1], 0.2, ties.shape), jnp.nan, ties)
+  odd = odd.at[:, 0].set(-0.0).at[::3, -1].set(-jnp.nan).at[1::3, -1].set(jnp.inf)
+  for w in (jax.random.normal(keys[2], (300, fan_in)), ties, odd, ties.astype(jnp.bfloat16)):
+    for fraction in (0.0, 0.1, 0.3, 0.5, 0.99, 1.0, 1.5, -0.25):
+      np.testing.assert_array_equal(topology.prune_smallest(w, fraction),
+                                    _prune_by_two_argsorts(w, fraction), err_msg=f"{fraction}")
+
+
+def _draw_by_full_rounds(key, indices, free, in_features, row_offset, all_free):
+  """_draw_columns's first definition: every round redraws and sorts all rows (3 operands)."""
+  out, fan_in = indices.shape
+  rows = row_offset + jnp.arange(out, dtype=jnp.int32)
+
+  def draw(step):
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
+    return jax.vmap(lambda k: jax.random.randint(k, (fan_in,), 0, in_features))(keys)
+
+  def repeated(cols):
+    return jnp.concatenate([jnp.zeros((out, 1), bool), cols[:, 1:] == cols[:, :-1]], axis=1)
+
+  def sort_rows(*state):
+    return jax.lax.sort(state, dimension=1, num_keys=2, is_stable=True)
+
+  slots = jnp.broadcast_to(jnp.arange(fan_in, dtype=jnp.int32), (out, fan_in))
+  cols, free, slots = sort_rows(jnp.where(free, draw(0), indices.astype(jnp.int32)),
+                                free.astype(jnp.int32), slots)
+  step = 1
+  while repeated(cols).any():
+    cols, free, slots = sort_rows(jnp.where(repeated(cols), draw(step), cols), free, slots)
+    step += 1
+  if all_free:
+    return cols
+  return jnp.zeros((out, fan_in), jnp.int32).at[jnp.arange(out)[:, None], slots].set(cols)
+
+
+@pytest.mark.parametrize("out,fan_in,in_features", [
+    (1001, 16, 40),     # many rounds, (column, free, position, slot) in one int32 key
+    (61, 4096, 8192),   # 4096 slots: too many bits for one key, the 3-operand sort
+    (503, 5, 300_000),  # few repeats, 19-bit columns
+])
+def test_draw_columns_equals_redrawing_all_rows_every_round(monkeypatch, out, fan_in,
+                                                            in_features):
+  # Small compaction levels, so rows are gathered level after level (1001 -> 250 -> ...).
+  monkeypatch.setattr(sj.fixed_fanin, "_COMPACT_MIN_ROWS", 4)
+  keys = jax.random.split(jax.random.key(out), 3)
+  indices = sj.random_topology(keys[0], in_features, out, fan_in, jnp.int32)
+  free = jax.random.bernoulli(keys[1], 0.4, (out, fan_in))
+  new, rounds = sj.fixed_fanin._draw_columns(keys[2], indices, free, in_features, 17,
+                                             all_free=False, with_rounds=True)
+  np.testing.assert_array_equal(
+      new, _draw_by_full_rounds(keys[2], indices, free, in_features, 17, False))
+  everything = jnp.ones_like(free)
+  np.testing.assert_array_equal(
+      sj.fixed_fanin._draw_columns(keys[2], indices, everything, in_features, all_free=True),
+      _draw_by_full_rounds(keys[2], indices, everything, in_features, 0, True))
+  if in_features < 10_000:
+    assert rounds > 3  # the compacted levels really redrew
+
+
+def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch):
+  # In blocks of 5 rows (as on CPU, shrunk) or all in one (the GPU/TPU block size, where
+  # the draw also gathers the still-repeating rows, shrunk too), the same topology.
+  monkeypatch.setattr(sj.fixed_fanin, "_COMPACT_MIN_ROWS", 8)
+  in_features, out, fan_in = 20, 203, 8
+  params = {"clf": _setup(in_features, out, fan_in, seed=4)}
+  x = jax.random.normal(jax.random.key(1), (8, in_features))
+  grads = jax.grad(_loss, allow_int=True)(params, {"clf": x}, 1.0)
+  tx = sj.set_topology(optax.adam(0.01), key=jax.random.key(2), interval=2, end_step=9,
+                       prune_fraction=lambda t: 0.5)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)  # update 1 does not rewire: moments nonzero
+
+  def rewiring_update(backend):
+    with monkeypatch.context() as patch:
+      patch.setattr(jax, "default_backend", lambda: backend)
+      patch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 5 * fan_in)
+      updates, new_state = tx.update(grads, state, params)  # update 2 rewires (traced here)
+    return optax.apply_updates(params, updates)["clf"], new_state
+
+  assert topology._REWIRE_BLOCK_ELEMENTS_ACCELERATOR >= out * fan_in
+  on_cpu, cpu_state = rewiring_update("cpu")
+  on_gpu, gpu_state = rewiring_update("gpu")
+  np.testing.assert_array_equal(on_gpu.indices, on_cpu.indices)
+  np.testing.assert_array_equal(on_gpu.values, on_cpu.values)
+  jax.tree.map(np.testing.assert_array_equal, gpu_state, cpu_state)
+  idx = np.asarray(on_gpu.indices).astype(np.int64)
+  assert idx.min() >= 0 and idx.max() < in_features
+  assert (np.sort(idx, axis=1)[:, 1:] != np.sort(idx, axis=1)[:, :-1]).all()  # K distinct
+  pruned = np.asarray(on_gpu.values == 0)
+  assert (pruned.sum(axis=1) == fan_in // 2).all()
+  for moment in (gpu_state.inner_state[0].mu, gpu_state.inner_state[0].nu):
+    moment = np.asarray(moment["clf"].values)
+    assert not moment[pruned].any() and moment[~pruned].all()

@@ -1,5 +1,7 @@
 """Chunked XMC losses and top-k: equal to the full-logits reference, in O(chunk) memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,148 @@ def test_temp_memory_does_not_grow_with_batch_times_labels(fn):
 def test_the_memory_bound_catches_full_logits():
   growth, _ = _temp_growth(_full_logits_step)
   assert growth >= LOGITS_GROWTH
+
+
+def _count_dots(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+def test_the_gradient_computes_each_chunks_logits_once():
+  # Dense logits: one matmul forward, two backward (dh, dkernel), and no recomputed
+  # forward matmul in a second pass over the chunks.
+  _, params, _ = _classifier("dense")
+  h = jax.random.normal(jax.random.key(9), (B, D))
+  loss = lambda params, h: xmc.chunked_loss(xmc.dense_logits, params, h, LABEL_IDS, LABEL_MASK,
+                                            chunk_size=5)
+  assert _count_dots(loss, params, h) == 1
+  assert _count_dots(jax.grad(loss, argnums=(0, 1)), params, h) == 3
+
+
+@pytest.mark.parametrize("kind", ["fixed_fanin", "dense"])
+def test_the_cotangent_scales_the_saved_gradients(kind):
+  # A weighted sum of two calls, through a function of h: the backward scales by each
+  # call's cotangent and the chain rule reaches the encoder.
+  logits_fn, params, indices = _classifier(kind)
+  x = jax.random.normal(jax.random.key(9), (B, D))
+  encoder = jax.random.normal(jax.random.key(8), (D, D)) / np.sqrt(D)
+
+  def objective(loss_fn, params, encoder):
+    h = jnp.tanh(x @ encoder)
+    c = _with_indices(params, indices)
+    return 0.7 * loss_fn(c, h, "squared_hinge") - 2.0 * loss_fn(c, h, "bce")
+
+  chunked = lambda c, h, loss: xmc.chunked_loss(logits_fn, c, h, LABEL_IDS, LABEL_MASK,
+                                                loss=loss, chunk_size=5)
+  full = lambda c, h, loss: _reference_loss(logits_fn, c, h, loss)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(jax.grad(functools.partial(objective, chunked), argnums=(0, 1)))(params, encoder)
+    want = jax.grad(functools.partial(objective, full), argnums=(0, 1))(params, encoder)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=2e-6)
+
+
+# -- RigL regrowth candidates. More inputs than D, so that rows have columns to choose from.
+RD = 24
+
+
+def _rigl_layer(bias=True, key=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  layer = sj.FixedFanIn.init(k1, RD, L, K, bias=bias)
+  layer = layer.replace(values=jax.random.normal(k2, (L, K)))
+  return layer.replace(bias=0.5 * jax.random.normal(k3, (L,))) if bias else layer
+
+
+def _dense_gradient(layer, h, loss):
+  """``(L, in)``: ``(h^T g)^T`` for ``g`` the full-logit loss's gradient w.r.t. the logits."""
+  g = jax.grad(lambda z: _reference_loss(lambda _, h: z, None, h, loss))(layer(h))
+  return (h.T @ g).T, g
+
+
+@pytest.mark.parametrize("loss", xmc.LOSSES)
+@pytest.mark.parametrize("bias, chunk_size, num_candidates", [
+    (True, 5, 3), (False, 8, 20), (True, 100, 1)])  # R=20 > 24-4 absent: -inf at the end
+def test_chunked_loss_and_candidates(loss, bias, chunk_size, num_candidates):
+  layer = _rigl_layer(bias)
+  h = jax.random.normal(jax.random.key(9), (B, RD))
+  kwargs = dict(loss=loss, chunk_size=chunk_size)
+
+  def with_candidates(layer, h):
+    return xmc.chunked_loss_and_candidates(layer, h, LABEL_IDS, LABEL_MASK,
+                                           num_candidates=num_candidates, **kwargs)
+
+  def plain(layer, h):
+    return xmc.chunked_loss(xmc.fixed_fanin_logits, layer, h, LABEL_IDS, LABEL_MASK, **kwargs)
+
+  @jax.jit
+  def both(layer, h):
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1), allow_int=True)
+    return grad(with_candidates, has_aux=True)(layer, h), grad(plain)(layer, h)
+
+  with jax.default_matmul_precision("highest"):
+    ((value, candidates), grads), (want, want_grads) = both(layer, h)
+    dense, _ = _dense_gradient(layer, h, loss)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  assert grads[0].indices.dtype == jax.dtypes.float0
+  for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads),
+                                 strict=True):
+    if want_leaf.dtype != jax.dtypes.float0:
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=2e-6)
+  # Brute force: the current columns out, then the largest |dense gradient|.
+  score = jnp.abs(dense).at[jnp.arange(L)[:, None], layer.indices].set(-jnp.inf)
+  want_scores, want_columns = lax.top_k(score, num_candidates)
+  assert candidates.columns.dtype == jnp.int32
+  assert candidates.columns.shape == candidates.scores.shape == (L, num_candidates)
+  finite = np.isfinite(want_scores)
+  np.testing.assert_array_equal(np.isfinite(candidates.scores), finite)
+  np.testing.assert_array_equal(np.where(finite, candidates.columns, -1),
+                                np.where(finite, want_columns, -1))
+  np.testing.assert_allclose(np.where(finite, candidates.scores, 0),
+                             np.where(finite, want_scores, 0), rtol=1e-5, atol=1e-7)
+  assert finite.sum(1).max() == min(num_candidates, RD - K)
+  # Undifferentiated, the same outputs.
+  unjitted_value, unjitted = with_candidates(layer, h)
+  np.testing.assert_allclose(unjitted_value, value, rtol=1e-6)
+  np.testing.assert_array_equal(unjitted.columns, candidates.columns)
+
+
+@pytest.mark.parametrize("loss", xmc.LOSSES)
+def test_candidates_merged_with_the_pruned_slots_are_rigl(loss):
+  # set_topology's merge, written out: the union of a row's candidates and its pruned slots
+  # (scored by |dvalues|) by (score descending, column ascending); the j-th pruned slot takes
+  # the j-th best. Equal to rigl_regrowth_columns with at least as many candidates as
+  # pruned slots.
+  layer = _rigl_layer()
+  h = jax.random.normal(jax.random.key(9), (B, RD))
+  pruned = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.5, (L, K)))
+  loss_fn = lambda layer: xmc.chunked_loss_and_candidates(layer, h, LABEL_IDS, LABEL_MASK,
+                                                          loss=loss, chunk_size=6,
+                                                          num_candidates=K)
+  with jax.default_matmul_precision("highest"):
+    (_, candidates), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(layer)
+    _, g = _dense_gradient(layer, h, loss)
+    want = sj.rigl_regrowth_columns(layer.indices, pruned, h, g)
+  indices = np.asarray(layer.indices, np.int64)
+  columns = np.concatenate([np.asarray(candidates.columns), indices], axis=1)
+  scores = np.concatenate([np.asarray(candidates.scores),
+                           np.where(pruned, np.abs(np.asarray(grads.values)), -np.inf)], axis=1)
+  merged = indices.copy()
+  for row in range(L):
+    best = columns[row][np.lexsort((columns[row], -scores[row]))]
+    merged[row, pruned[row]] = best[:pruned[row].sum()]
+  np.testing.assert_array_equal(merged, want)
+  assert (merged != indices).any()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_candidates=0), "num_candidates"), (dict(num_candidates=RD + 1), "num_candidates"),
+    (dict(classifier={"kernel_t": jnp.ones((L, RD))}), "fixed fan-in classifier"),
+    (dict(h=np.ones((B, RD + 1), np.float32)), "the layer reads 24"),
+    (dict(loss="hinge"), "loss"), (dict(chunk_size=0), "chunk_size"),
+    (dict(label_ids=np.where(LABEL_MASK, 37, 0)), "out of range")])
+def test_chunked_loss_and_candidates_rejects_bad_input(change, match):
+  args = dict(classifier=_rigl_layer(), h=np.ones((B, RD), np.float32), label_ids=LABEL_IDS,
+              label_mask=LABEL_MASK, chunk_size=8, num_candidates=4)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    xmc.chunked_loss_and_candidates(args.pop("classifier"), args.pop("h"),
+                                    args.pop("label_ids"), args.pop("label_mask"), **args)

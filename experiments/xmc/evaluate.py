@@ -62,7 +62,8 @@ def evaluate_run(run_dir, *, test_file=None, propensity_a: float | None = None,
   metrics = train.evaluate(
       nnx.merge(model_def, model_state), test_set,
       inv_propensity=inverse_propensity(train_set.label_counts(), len(train_set), a=a, b=b),
-      batch_size=config.eval_batch_size, label_chunk=config.label_chunk)
+      batch_size=config.eval_batch_size, label_chunk=train.resolved_label_chunk(config),
+      compute_dtype=train.resolved_compute_dtype(config))
   return {"run_dir": str(run_dir), "test_file": None if test_file is None else str(test_file),
           "step": step, "num_points": len(test_set), "propensity": {"a": a, "b": b},
           "metrics": metrics}

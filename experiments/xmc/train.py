@@ -3,21 +3,28 @@
 ``python -m experiments.xmc.train`` (or ``python -m experiments.xmc.main``)
 trains ``experiments.xmc.model.XMCModel``: an embedding bag over the sparse
 features and an MLP, an optional intermediate layer, and a classifier over all
-labels that is dense (the baseline) or fixed fan-in, rewired by SET. The data
+labels that is dense (the baseline) or fixed fan-in, rewired by SET or RigL. The data
 is ``--dataset=synthetic`` (``sparsejax.data.synthetic_xmc``, sizes from the
 flags) or a directory holding ``train.txt`` and ``test.txt`` in the Extreme
 Classification Repository's BoW format.
 
 - Loss: squared hinge or BCE summed over all labels, in label chunks
   (``sparsejax.xmc.chunked_loss``): no step holds the ``(batch, L)`` logits.
+  The logits take the classifier's input in ``compute_dtype`` (bfloat16 on a
+  GPU by default), with float32 master weights, Adam state and loss.
 - Auxiliary objective (``--aux``): balanced k-means clusters of the label
   centroids, a small head trained with BCE on multi-hot cluster targets, mixed
   as ``(1 - a) main + a aux``; ``a`` is cosine-decayed from ``aux_weight`` to 0
   at epoch ``aux_epochs``, after which the step no longer computes the head.
 - Optimiser: Adam with separate warm-up + cosine learning rates for the
   encoder side (everything but the classifier) and the classifier
-  (``optax.multi_transform``), wrapped by ``sparsejax.set_topology`` (SET) for
-  a fixed fan-in classifier.
+  (``optax.multi_transform``), wrapped by ``sparsejax.set_topology`` for a
+  fixed fan-in classifier: SET (random regrowth) or, with ``--regrowth=rigl``,
+  RigL, whose candidates come from the chunked loss of the rewiring steps
+  (``sparsejax.xmc.chunked_loss_and_candidates``). Each step runs
+  one of two compiled executables, chosen on the host with
+  ``sparsejax.is_rewire_step``: the plain step, which traces no rewiring, or
+  the rewiring step.
 - Output directory: ``config.json``; ``checkpoints/`` (orbax, every
   ``checkpoint_every`` steps and at each epoch end; a run restarted in the same
   directory resumes from the latest one, bit for bit: the data order is a
@@ -28,8 +35,9 @@ Classification Repository's BoW format.
   a mesh the classifier's rows (params and their Adam and SET state) are split
   over the ``labels`` axis and each batch over the ``data`` axis; the encoder
   is replicated (data parallel). The loss and the top-k run per label shard
-  (``sparsejax.xmc.sharded_chunked_loss``/``sharded_chunked_topk``) and SET
-  rewires each shard's rows. Several processes (hosts) run one command each,
+  (``sparsejax.xmc.sharded_chunked_loss``/``sharded_chunked_topk``, and
+  ``sharded_chunked_loss_and_candidates`` for RigL) and each shard's rows are
+  rewired on their device. Several processes (hosts) run one command each,
   with ``--coordinator``, ``--num_processes`` and ``--process_id``; every
   process computes the whole (deterministic) data order and places its part of
   each batch; only process 0 writes ``config.json``, the CSVs and
@@ -66,14 +74,15 @@ import sparsejax as sj
 from experiments.xmc.model import XMCModel
 from sparsejax.data.synthetic_xmc import synthetic_xmc
 from sparsejax.data.xmc import XMCDataset, batches, pad_points, read_bow, steps_per_epoch
-from sparsejax.xmc import (RankingMetrics, balanced_kmeans, chunked_loss, chunked_topk,
+from sparsejax.xmc import (RankingMetrics, balanced_kmeans, chunked_loss,
+                           chunked_loss_and_candidates, chunked_topk,
                            cluster_targets, format_table, inverse_propensity, label_centroids,
                            mesh_from_spec, pad_labels, padded_num_labels, sharded_chunked_loss,
-                           sharded_chunked_topk)
+                           sharded_chunked_loss_and_candidates, sharded_chunked_topk)
 
-__all__ = ["Config", "Layout", "put", "read_config", "load_data", "label_clusters", "build",
-           "make_train_step", "evaluate", "checkpoint_manager", "restore", "run", "define_flags",
-           "main"]
+__all__ = ["Config", "Layout", "put", "read_config", "load_data", "label_clusters",
+           "resolved_label_chunk", "resolved_compute_dtype", "build", "make_train_step",
+           "evaluate", "checkpoint_manager", "restore", "run", "define_flags", "main"]
 
 KS = (1, 3, 5)
 METRIC_NAMES = [f"{m}@{k}" for m in ("P", "nDCG", "PSP") for k in KS]
@@ -81,6 +90,7 @@ METRIC_NAMES = [f"{m}@{k}" for m in ("P", "nDCG", "PSP") for k in KS]
 # only through the order of floating-point reductions).
 _RESUMABLE = {"eval_every", "eval_batch_size", "propensity_a", "propensity_b",
               "checkpoint_every", "step_log", "mesh"}
+_COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _field(default, doc: str):
@@ -103,7 +113,12 @@ class Config:
   fan_in: int = _field(32, "inputs K of each label of the fixed fan-in classifier "
                        "(0: dense classifier)")
   loss: str = _field("squared_hinge", "'squared_hinge' or 'bce', summed over all labels")
-  label_chunk: int = _field(4096, "labels scored at once in the loss and the top-k")
+  label_chunk: int = _field(0, "labels scored at once in the loss and the top-k (0: auto, "
+                            "65536 on GPU, 4096 on CPU)")
+  compute_dtype: str = _field("auto", "dtype of the classifier's input (and of the dense "
+                              "classifier's weights) in the logits: 'float32', 'bfloat16' "
+                              "or 'auto' (bfloat16 on GPU, float32 on CPU); weights, Adam "
+                              "state and loss stay float32")
   aux: bool = _field(False, "auxiliary objective: BCE of a head over label clusters")
   aux_weight: float = _field(0.4, "initial weight a of the auxiliary loss")
   aux_epochs: float = _field(2.0, "epoch at which the cosine-decayed a reaches 0 and the "
@@ -121,6 +136,8 @@ class Config:
   set_fraction: float = _field(0.3, "initial fraction of each row that SET prunes and "
                                "regrows (cosine-decayed)")
   set_until: float = _field(0.66, "fraction of the run after which SET stops")
+  regrowth: str = _field("random", "how rewiring regrows the pruned slots: 'random' (SET) or "
+                         "'rigl' (largest dense gradient)")
   propensity_a: float = _field(0.55, "A of the inverse propensities (PSP@k)")
   propensity_b: float = _field(1.5, "B of the inverse propensities (PSP@k)")
   eval_every: int = _field(1, "evaluate on the test set every this many epochs "
@@ -158,6 +175,54 @@ def _num_clusters(config: Config, num_labels: int) -> int:
 def _keys(config: Config):
   """Keys of the model init, the SET rewiring and the label clustering."""
   return jax.random.split(jax.random.key(config.seed), 3)
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def resolved_label_chunk(config: Config) -> int:
+  """``config.label_chunk``, or for 0 (auto) 65,536 labels on a GPU and 4,096 on CPU."""
+  return config.label_chunk or (65_536 if _on_gpu() else 4_096)
+
+
+def resolved_compute_dtype(config: Config) -> jnp.dtype:
+  """``config.compute_dtype`` as a dtype; ``"auto"`` is bfloat16 on a GPU, float32 on CPU."""
+  if config.compute_dtype == "auto":
+    return jnp.dtype(jnp.bfloat16 if _on_gpu() else jnp.float32)
+  return jnp.dtype(config.compute_dtype)
+
+
+def _check_config(config: Config) -> None:
+  """Refuses values of ``config`` that no run can use."""
+  if config.loss not in sj.xmc.LOSSES:
+    raise ValueError(f"loss must be one of {sj.xmc.LOSSES}, got {config.loss!r}")
+  if config.compute_dtype not in _COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got "
+                     f"{config.compute_dtype!r}")
+  if config.label_chunk < 0:
+    raise ValueError(f"label_chunk must be positive, or 0 for auto; got {config.label_chunk}")
+  if config.regrowth not in ("random", "rigl"):
+    raise ValueError(f"regrowth must be 'random' or 'rigl', got {config.regrowth!r}")
+  if config.regrowth == "rigl" and not (config.fan_in and config.set_interval):
+    raise ValueError("regrowth='rigl' rewires the fixed fan-in classifier: it needs "
+                     f"fan_in > 0 and set_interval > 0 (got {config.fan_in}, "
+                     f"{config.set_interval})")
+
+
+def _uses_set(config: Config) -> bool:
+  """Whether the optimizer is ``set_topology`` (a rewired fixed fan-in classifier)."""
+  return bool(config.fan_in and config.set_interval)
+
+
+def _set_end_step(config: Config, total_steps: int) -> int:
+  """The last update that may rewire."""
+  return int(config.set_until * total_steps)
+
+
+def _num_candidates(config: Config) -> int:
+  """RigL candidates per row: the most slots a row can prune (at least 1)."""
+  return max(1, sj.topology.max_pruned_per_row(config.fan_in, config.set_fraction))
 
 
 def label_clusters(config: Config, train: XMCDataset) -> np.ndarray:
@@ -265,6 +330,7 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
     ``(model, optimizer)``. For a fixed fan-in classifier the optimizer also
     updates the topology (``wrt=(nnx.Param, sparsejax.nn.Indices)``).
   """
+  _check_config(config)
   model_key, set_key, _ = _keys(config)
   model = XMCModel(num_features=num_features, num_labels=num_labels,
                    embed_dim=config.embed_dim, hidden_layers=config.hidden_layers,
@@ -289,8 +355,8 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
   if config.set_interval:
     tx = sj.set_topology(tx, key=set_key, interval=config.set_interval,
-                         end_step=int(config.set_until * total_steps),
-                         prune_fraction=config.set_fraction,
+                         end_step=_set_end_step(config, total_steps),
+                         prune_fraction=config.set_fraction, regrowth=config.regrowth,
                          in_features=sj.nn.fixed_fanin_sizes(model),
                          **({} if layout is None else {"mesh": layout.mesh, "row_axis": "labels"}))
   else:
@@ -299,42 +365,84 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
 
 
 def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_of_label,
-                aux_weight, *, loss, label_chunk, num_clusters, layout=None):
+                aux_weight, *, loss, label_chunk, num_clusters, layout=None,
+                compute_dtype=jnp.float32, update_kwargs=(), num_candidates=0):
   """One optimizer step; returns the new states and ``[loss, main loss, aux loss]``.
 
   ``cluster_of_label=None`` leaves the auxiliary head out of the step.
+  ``update_kwargs`` (pairs) go to the optimizer's update; with
+  ``num_candidates``, the main loss also gives each label's RigL regrowth
+  candidates, which go to it as ``regrowth_candidates``.
   """
   model, optimizer = nnx.merge(model_def, model_state), nnx.merge(opt_def, opt_state)
   if layout is None:
     main_loss = functools.partial(chunked_loss, loss=loss, chunk_size=label_chunk)
+    candidates_loss = functools.partial(chunked_loss_and_candidates, loss=loss,
+                                        chunk_size=label_chunk, num_candidates=num_candidates)
   else:
-    main_loss = functools.partial(sharded_chunked_loss, mesh=layout.mesh,
-                                  num_labels=layout.num_labels, loss=loss,
-                                  chunk_size=label_chunk)
+    sharded = dict(mesh=layout.mesh, num_labels=layout.num_labels, loss=loss,
+                   chunk_size=label_chunk)
+    main_loss = functools.partial(sharded_chunked_loss, **sharded)
+    candidates_loss = functools.partial(sharded_chunked_loss_and_candidates, **sharded,
+                                        num_candidates=num_candidates)
 
   def objective(model):
     z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
-    main = main_loss(model.logits_fn, model.classifier_params(), model.classifier_input(z),
-                     batch["label_ids"], batch["label_mask"])
+    h = model.classifier_input(z).astype(compute_dtype)
+    if num_candidates:
+      main, candidates = candidates_loss(model.classifier_params(), h, batch["label_ids"],
+                                         batch["label_mask"])
+    else:
+      main, candidates = main_loss(_logits_fn(model, compute_dtype), model.classifier_params(),
+                                   h, batch["label_ids"], batch["label_mask"]), None
     if cluster_of_label is None:
-      return main, (main, jnp.zeros_like(main))
+      return main, (main, jnp.zeros_like(main), candidates)
     targets = cluster_targets(batch["label_ids"], batch["label_mask"], cluster_of_label,
                               num_clusters)
     aux = optax.sigmoid_binary_cross_entropy(model.aux_head(z), targets).sum(-1).mean()
-    return (1 - aux_weight) * main + aux_weight * aux, (main, aux)
+    return (1 - aux_weight) * main + aux_weight * aux, (main, aux, candidates)
 
-  (total, (main, aux)), grads = nnx.value_and_grad(
+  (total, (main, aux, candidates)), grads = nnx.value_and_grad(
       objective, argnums=nnx.DiffState(0, wrt), has_aux=True, allow_int=True)(model)
-  optimizer.update(model, grads)
+  extra = dict(update_kwargs)
+  if candidates is not None:
+    if cluster_of_label is not None:
+      # The classifier's gradient is (1 - a) times the main loss's, whose scores these are.
+      candidates = candidates._replace(scores=(1 - aux_weight) * candidates.scores)
+    extra["regrowth_candidates"] = {"classifier": candidates}
+  optimizer.update(model, grads, **extra)
   return nnx.state(model), nnx.state(optimizer), jnp.stack([total, main, aux])
 
 
+def _logits_fn(model: XMCModel, dtype):
+  """The chunk logits of ``model``'s classifier for an ``h`` in ``dtype``.
+
+  The fixed fan-in matmul computes in ``h``'s dtype (its tile paths round the
+  values to it) and returns float32 logits for float32 values; the dense
+  classifier's chunk of weights is cast here, its product accumulated and
+  returned in float32.
+  """
+  if model.sparse or dtype == jnp.float32:
+    return model.logits_fn
+  return _dense_logits_in(jnp.dtype(dtype))
+
+
+@functools.cache
+def _dense_logits_in(dtype):
+  """``dense_logits`` on ``h`` and the chunk's ``kernel_t`` in ``dtype`` (one function a dtype)."""
+  def logits(params, h):
+    z = jnp.dot(h.astype(dtype), params["kernel_t"].astype(dtype).T,
+                preferred_element_type=jnp.float32)
+    return z + params["bias"].astype(jnp.float32)
+  return logits
+
+
 def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: int,
-                    layout: Layout | None = None, state_shardings=None):
+                    layout: Layout | None = None, state_shardings=None, rewire=None):
   """The jitted train step of a model and optimizer split with ``nnx.split``.
 
   Arguments:
-    config: gives the loss and the label chunk.
+    config: gives the loss, the label chunk, the compute dtype and the regrowth.
     model_def, opt_def: the graph definitions of the model and the optimizer.
     wrt: the optimizer's ``wrt`` filter (what is differentiated and updated).
     num_clusters: outputs of the aux head (0 without one).
@@ -344,6 +452,12 @@ def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: in
       from ``layout.shardings``: the step's input and output shardings of the
       states. The batch comes split over the data axis (``layout.batch``), the
       clusters and the aux weight replicated; the losses are replicated.
+    rewire: for a rewired classifier (``set_topology``), ``None``: the step
+      rewires when its update is due (decided inside, ``lax.cond``; with
+      RigL it computes the regrowth candidates every time); ``False``: a
+      step that never rewires and traces nothing of it, for the updates that
+      ``sparsejax.is_rewire_step`` says are not due (on a due one it would
+      skip the rewiring). Other models never rewire; it changes nothing there.
 
   Returns:
     ``step(model_state, opt_state, batch, cluster_of_label, aux_weight) ->
@@ -352,9 +466,16 @@ def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: in
     aux head in this step), ``aux_weight`` a float32 scalar, ``losses`` the
     float32 ``[loss, main loss, aux loss]``. Both states are donated.
   """
-  step = functools.partial(_train_step, model_def, opt_def, wrt, loss=config.loss,
-                           label_chunk=config.label_chunk, num_clusters=num_clusters,
-                           layout=layout)
+  if rewire not in (None, False):
+    raise ValueError(f"rewire must be None or False, got {rewire!r}")
+  rewires = _uses_set(config)
+  step = functools.partial(
+      _train_step, model_def, opt_def, wrt, loss=config.loss,
+      label_chunk=resolved_label_chunk(config), num_clusters=num_clusters, layout=layout,
+      compute_dtype=resolved_compute_dtype(config),
+      update_kwargs=(("rewire", False),) if rewires and rewire is False else (),
+      num_candidates=(_num_candidates(config)
+                      if rewires and config.regrowth == "rigl" and rewire is None else 0))
   if layout is None:
     return jax.jit(step, donate_argnums=(0, 1))
   if state_shardings is None:
@@ -367,21 +488,24 @@ def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: in
                  out_shardings=(model_sharding, opt_sharding, layout.replicated))
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "k", "label_chunk", "layout"))
-def _predict(model_def, model_state, batch, *, k, label_chunk, layout=None):
+@functools.partial(jax.jit, static_argnames=("model_def", "k", "label_chunk", "layout",
+                                             "compute_dtype"))
+def _predict(model_def, model_state, batch, *, k, label_chunk, layout=None,
+             compute_dtype=jnp.dtype(jnp.float32)):
   """``(B, k)`` int32 ids of the best labels of each point, best first."""
   model = nnx.merge(model_def, model_state)
   z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
-  h = model.classifier_input(z)
+  h = model.classifier_input(z).astype(compute_dtype)
+  logits_fn = _logits_fn(model, compute_dtype)
   if layout is None:
-    return chunked_topk(model.logits_fn, model.classifier_params(), h, k=k,
-                        chunk_size=label_chunk)[1]
-  return sharded_chunked_topk(model.logits_fn, model.classifier_params(), h, mesh=layout.mesh,
+    return chunked_topk(logits_fn, model.classifier_params(), h, k=k, chunk_size=label_chunk)[1]
+  return sharded_chunked_topk(logits_fn, model.classifier_params(), h, mesh=layout.mesh,
                               num_labels=layout.num_labels, k=k, chunk_size=label_chunk)[1]
 
 
 def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray,
-             batch_size: int, label_chunk: int, layout: Layout | None = None) -> dict[str, float]:
+             batch_size: int, label_chunk: int, layout: Layout | None = None,
+             compute_dtype=jnp.float32) -> dict[str, float]:
   """P@k, nDCG@k and PSP@k (k = 1, 3, 5) of ``model`` on every point of ``dataset``.
 
   Points go through in order, ``batch_size`` at a time (the last batch is
@@ -398,6 +522,8 @@ def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray
     layout: for a model placed on a mesh (``build(..., layout=layout)``),
       its ``Layout``: each label shard streams its own top-k, the shards'
       are merged, and every process gets all the ids.
+    compute_dtype: the dtype of the logits' inputs, as in training
+      (``resolved_compute_dtype``).
 
   Returns:
     ``{"P@1": ..., "nDCG@1": ..., "PSP@1": ..., ...}`` as fractions.
@@ -419,7 +545,7 @@ def evaluate(model: XMCModel, dataset: XMCDataset, *, inv_propensity: np.ndarray
     if layout is not None:
       features = put(features, {name: layout.batch for name in features})
     ids = _host(_predict(model_def, model_state, features, k=max(KS), label_chunk=label_chunk,
-                         layout=layout))[:rows.size]
+                         layout=layout, compute_dtype=jnp.dtype(compute_dtype)))[:rows.size]
     metrics.update(ids, batch["label_ids"][:rows.size], batch["label_mask"][:rows.size])
   return metrics.result()
 
@@ -609,12 +735,15 @@ def run(config: Config, *, devices=None) -> dict:
   Returns:
     The content of ``metrics.json``: ``config``, final ``metrics`` (fractions),
     ``epochs`` (the rows of ``epochs.csv``), ``seconds_per_epoch``,
-    ``samples_per_s``, ``compile_seconds``, ``memory`` (bytes, per device),
-    ``device``, ``mesh`` (axis sizes, or None), ``processes``, ``num_params``
-    (without padding) and ``steps``.
+    ``samples_per_s``, ``compile_seconds``, ``memory`` (bytes, per device;
+    ``train_step`` has one entry per executable: ``main``/``with_aux``, the
+    plain steps without and with the aux head, and ``main_rewire``/
+    ``with_aux_rewire``, the rewiring steps), ``label_chunk`` and
+    ``compute_dtype`` (as resolved for the backend), ``device``, ``mesh``
+    (axis sizes, or None), ``processes``, ``num_params`` (without padding)
+    and ``steps``.
   """
-  if config.loss not in sj.xmc.LOSSES:
-    raise ValueError(f"loss must be one of {sj.xmc.LOSSES}, got {config.loss!r}")
+  _check_config(config)
   out = pathlib.Path(config.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   _write_config(out, config)
@@ -651,23 +780,29 @@ def run(config: Config, *, devices=None) -> dict:
   step, sums = restore(manager, model_state, opt_state)
   last_saved = step
 
-  step_fn = make_train_step(config, model_def, opt_def, wrt,
-                            num_clusters=_num_clusters(config, train.num_labels), layout=layout,
-                            state_shardings=state_shardings)
+  # The plain step traces no rewiring; the rewiring one runs on the updates that
+  # set_topology rewires, picked on the host by its own rule.
+  step_kind = dict(num_clusters=_num_clusters(config, train.num_labels), layout=layout,
+                   state_shardings=state_shardings)
+  step_fns = {False: make_train_step(config, model_def, opt_def, wrt, rewire=False, **step_kind)}
+  if _uses_set(config):
+    step_fns[True] = make_train_step(config, model_def, opt_def, wrt, rewire=None, **step_kind)
+  end_step = _set_end_step(config, total_steps)
   widths = dict(max_features=train.max_features_per_point(),
                 max_labels=train.max_labels_per_point())
+  label_chunk, compute_dtype = resolved_label_chunk(config), resolved_compute_dtype(config)
   compiled, compile_seconds = {}, 0.0
 
-  def compiled_step(with_aux: bool, batch):
+  def compiled_step(with_aux: bool, rewiring: bool, batch):
     # Ahead-of-time: gives the memory analysis and keeps compiling out of the timings.
     nonlocal compile_seconds
-    if with_aux not in compiled:
+    if (with_aux, rewiring) not in compiled:
       start = time.perf_counter()
-      compiled[with_aux] = step_fn.lower(model_state, opt_state, batch,
-                                         clusters if with_aux else None,
-                                         np.float32(0)).compile()
+      compiled[with_aux, rewiring] = step_fns[rewiring].lower(
+          model_state, opt_state, batch, clusters if with_aux else None,
+          np.float32(0)).compile()
       compile_seconds += time.perf_counter() - start
-    return compiled[with_aux]
+    return compiled[with_aux, rewiring]
 
   def train_clock():
     # Seconds without the time spent compiling.
@@ -687,8 +822,8 @@ def run(config: Config, *, devices=None) -> dict:
 
   def score(model):
     return evaluate(model, test, inv_propensity=inv_propensity,
-                    batch_size=config.eval_batch_size, label_chunk=config.label_chunk,
-                    layout=layout)
+                    batch_size=config.eval_batch_size, label_chunk=label_chunk,
+                    layout=layout, compute_dtype=compute_dtype)
 
   def on_devices(batch):
     # Every process holds the whole batch and places its devices' part of it.
@@ -710,8 +845,10 @@ def run(config: Config, *, devices=None) -> dict:
                            start_step=step % per_epoch, **widths):
         a = _aux_weight(config, step, per_epoch)
         with_aux = a > 0
+        rewiring = _uses_set(config) and sj.is_rewire_step(
+            step + 1, interval=config.set_interval, end_step=end_step)
         placed = on_devices(batch)
-        model_state, opt_state, losses = compiled_step(with_aux, placed)(
+        model_state, opt_state, losses = compiled_step(with_aux, rewiring, placed)(
             model_state, opt_state, placed, clusters if with_aux else None, np.float32(a))
         step, steps_run = step + 1, steps_run + 1
         pending.append(losses)
@@ -772,8 +909,9 @@ def run(config: Config, *, devices=None) -> dict:
       "samples_per_s": float(np.mean([float(r["samples_per_s"]) for r in epochs]))
       if epochs else None,
       "compile_seconds": round(compile_seconds, 2),
-      "memory": _memory_report({("with_aux" if aux else "main"): _compiled_bytes(c)
-                                for aux, c in compiled.items()}),
+      "memory": _memory_report({("with_aux" if aux else "main") + ("_rewire" if rewiring else ""):
+                                _compiled_bytes(c) for (aux, rewiring), c in compiled.items()}),
+      "label_chunk": label_chunk, "compute_dtype": compute_dtype.name,
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
       "mesh": None if layout is None else dict(layout.mesh.shape),
       "processes": jax.process_count(),

@@ -8,7 +8,8 @@ with global label ids (its first row is ``axis_index("labels") * rows``); the
 loss is then summed over ``labels`` and averaged over ``data``, and each
 device's top-k candidates are gathered over ``labels`` and merged. Nothing
 classifier-sized moves between devices: only ``(batch, k)`` candidates and
-scalars.
+scalars. With ``sharded_chunked_loss_and_candidates``, RigL's regrowth
+candidates come back split over ``labels`` like the classifier's rows.
 
 The label count rarely divides the shard count, so the classifier is padded
 (``pad_labels``) to ``padded_num_labels(L, shards)`` rows; padded rows never
@@ -29,12 +30,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sparsejax._vma import varying_like
+from sparsejax.topology import RegrowthCandidates
 from sparsejax.xmc.label_chunks import (LOSSES, _check_classifier, _check_features,
-                                        _check_labels, _chunk, _chunked_loss, _chunked_topk,
-                                        _merge_topk)
+                                        _check_fixed_fanin_classifier, _check_labels, _chunk,
+                                        _chunked_loss, _chunked_loss_and_candidates,
+                                        _chunked_topk, _merge_topk)
 
 __all__ = ["mesh_from_spec", "pad_labels", "padded_num_labels", "sharded_chunked_loss",
-           "sharded_chunked_topk"]
+           "sharded_chunked_loss_and_candidates", "sharded_chunked_topk"]
 
 _AXES = ("data", "labels")
 
@@ -153,6 +156,45 @@ def sharded_chunked_loss(logits_fn: Callable, classifier, h: jax.Array, label_id
                        label_axis=label_axis, data_axis=data_axis)
 
 
+def sharded_chunked_loss_and_candidates(
+    classifier, h: jax.Array, label_ids: jax.Array, label_mask: jax.Array, *, mesh: Mesh,
+    num_labels: int, loss: str = "squared_hinge", chunk_size: int, num_candidates: int,
+    label_axis: str = "labels",
+    data_axis: str = "data") -> tuple[jax.Array, RegrowthCandidates]:
+  """``chunked_loss_and_candidates`` with the labels sharded over ``label_axis``.
+
+  The loss and its gradients are ``sharded_chunked_loss``'s. Each device picks
+  the candidates of its own rows; each chunk's dense gradient ``g^T h`` (chunk,
+  in) is summed over ``data_axis`` first (one all-reduce of that size per
+  chunk where the batch is split), so the candidates are the whole batch's and
+  equal ``chunked_loss_and_candidates``'s on the unpadded classifier. Padded
+  rows get scores ``-inf``.
+
+  Arguments:
+    classifier: a ``FixedFanIn`` or a ``{"values", "indices"[, "bias"]}``
+      mapping with ``L_pad`` rows, ``PartitionSpec(label_axis)``.
+    h: ``(B, in)`` float features, ``PartitionSpec(data_axis)``.
+    label_ids, label_mask, mesh, num_labels, loss, chunk_size, label_axis,
+      data_axis: as in ``sharded_chunked_loss``.
+    num_candidates: ``R``, candidates per row, ``1 <= R <= in``.
+
+  Returns:
+    ``(loss, candidates)``: a replicated scalar and a
+    ``sparsejax.RegrowthCandidates`` of ``(L_pad, R)`` columns and scores,
+    ``PartitionSpec(label_axis)``.
+  """
+  values, indices, bias, parts = _check_fixed_fanin_classifier(classifier, h, num_candidates)
+  rows = _check_sharded(mesh, parts, h, num_labels, label_axis, data_axis)
+  size = _chunk(rows, chunk_size)
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+  _check_labels(label_ids, label_mask, jnp.shape(h)[0], num_labels)
+  return _sharded_loss_and_candidates(values, indices, bias, h, label_ids, label_mask,
+                                      mesh=mesh, num_labels=int(num_labels), loss=loss,
+                                      chunk_size=size, num_candidates=int(num_candidates),
+                                      label_axis=label_axis, data_axis=data_axis)
+
+
 def sharded_chunked_topk(logits_fn: Callable, classifier, h: jax.Array, *, mesh: Mesh,
                          num_labels: int, k: int, chunk_size: int, label_axis: str = "labels",
                          data_axis: str = "data") -> tuple[jax.Array, jax.Array]:
@@ -229,16 +271,39 @@ def _sharded_loss(logits_fn, classifier, h, label_ids, label_mask, *, mesh, num_
                            classifier, h, label_ids, label_mask)
 
 
+@functools.partial(jax.jit, static_argnames=("mesh", "num_labels", "loss", "chunk_size",
+                                             "num_candidates", "label_axis", "data_axis"))
+def _sharded_loss_and_candidates(values, indices, bias, h, label_ids, label_mask, *, mesh,
+                                 num_labels, loss, chunk_size, num_candidates, label_axis,
+                                 data_axis):
+  def local(values, indices, bias, h, label_ids, label_mask):
+    (values, bias), h = _vary_over_both((values, bias), h)
+    first = lax.axis_index(label_axis) * values.shape[0]
+    part, candidates = _chunked_loss_and_candidates(
+        values, indices, bias, h, label_ids, label_mask, first, loss=loss,
+        chunk_size=chunk_size, num_candidates=num_candidates, num_valid=num_labels,
+        data_axis=data_axis)
+    return lax.pmean(lax.psum(part, label_axis), data_axis), candidates
+
+  rows, batch = P(label_axis), P(data_axis)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, batch, batch, batch),
+                       out_specs=(P(), rows))(values, indices, bias, h, label_ids, label_mask)
+
+
 def _vary_over_both(classifier, h):
-  """The shard's classifier and features, typed as varying over both mesh axes.
+  """The shard's classifier (float leaves) and features, typed as varying over both mesh axes.
 
   Each device's loss mixes its rows with its batch slice. Casting them up
   front (rather than letting every chunk's logits do it) places the casts'
   transposes, the sums of ``dh`` over the label shards and of the classifier
   gradient over the data shards, once after the backward scan instead of
-  once per chunk.
+  once per chunk. Integer leaves (indices) keep varying over the labels only:
+  they have no gradient, and the regrowth candidates that they mask must
+  come out the same on every data shard.
   """
-  classifier = varying_like(classifier, h)
+  classifier = jax.tree.map(
+      lambda leaf: varying_like(leaf, h) if jnp.issubdtype(leaf.dtype, jnp.inexact) else leaf,
+      classifier)
   return classifier, varying_like(h, classifier)
 
 
