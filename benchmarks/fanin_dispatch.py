@@ -37,7 +37,9 @@ except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on
 import sparsejax as sj
 from sparsejax.dispatch import fanin_choice
 
-write_section = functools.partial(_report.write_section, name="fanin_dispatch")
+def write_section(path, section):
+  """The section of this backend: CPU and GPU tables are kept apart."""
+  _report.write_section(path, section, name=f"fanin_dispatch_{jax.default_backend()}")
 
 
 def paths_for(backend: str) -> list[str]:

@@ -182,7 +182,9 @@ def render(cases, rate: float, command: str) -> str:
            f"- Measured bf16 matmul rate: {rate:,.0f} TFLOP/s (8192^3 on random data)", "",
            "| out | K | variant | ms | vs dense | of FLOP floor | note |",
            "|---:|---:|---|---:|---:|---:|---|"]
-  piece_lines = ["", "Pieces, one tile of C rows (ms):", "",
+  piece_lines = ["", "Pieces, one tile of C rows (ms). Each is one jitted call timed from the host, so "
+                 "at these sizes mostly dispatch and synchronisation: profile_trace.py gives the "
+                 "per-kernel breakdown.", "",
                  "| out | K | C | build tile | x @ tile | g @ tile^T | x^T g | gather dvalues |",
                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for (out, fan_in, batch, in_features), (result, notes, c, pieces) in cases:

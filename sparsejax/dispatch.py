@@ -78,23 +78,28 @@ def resolve_fanin_impl(impl: str | None = None, *, batch: int, in_features: int,
 def fanin_choice(backend: str, *, batch: int, in_features: int, out: int, fan_in: int) -> str:
   """The fastest correct fixed fan-in path measured on ``backend`` for this shape.
 
-  The rules restate the measured table in BENCHMARKS.md ("Fixed fan-in
-  dispatch"); only paths that run compiled on ``backend`` are ever chosen.
+  The rules restate the measured tables in BENCHMARKS.md (sections "Fixed
+  fan-in kernels", "Fixed fan-in dispatch"); only paths that run compiled on
+  ``backend`` are ever chosen.
 
-  - GPU: the tile kernels for every shape measured, except tiny batches, where
-    the gather kernels move less (a tile's matmul is all bandwidth there).
+  - GPU (H200): the tile path in XLA, which beat both kernels at batch 256 for
+    every (out, K) measured and at every batch for 65,536 outputs. The gather
+    kernels only for small batches (<= 16) with K <= 64 over many outputs
+    (>= 2^19), where a tile's matmuls are mostly bandwidth and the gathers
+    move less. The fused tile kernels (``"pallas_tile"``) were slower than
+    the XLA tile path at every size measured, so "auto" never picks them.
   - CPU (and any other backend): the tile path in XLA (BLAS) when the tile's
     matmuls do at most ``in / K`` = 8 times the gather's FLOPs and the batch
     is at least 16 (BLAS then runs them more than 8 times faster per FLOP), or
     at most 2 times at any batch; the gather path otherwise.
   """
-  del out  # both paths scale linearly with it at the sizes measured
   if backend == "gpu":
-    return "pallas" if batch < _GPU_GATHER_MAX_BATCH else "xla_tile"
+    small = batch <= _GPU_GATHER_MAX_BATCH and fan_in <= 64 and out >= 1 << 19
+    return "pallas" if small else "xla_tile"
   if in_features <= 2 * fan_in or (batch >= 16 and in_features <= 8 * fan_in):
     return "xla_tile"
   return "xla"
 
 
-# Below this batch the GPU gather kernels win (BENCHMARKS.md, "Fixed fan-in dispatch").
+# Up to this batch the GPU gather kernels can win (BENCHMARKS.md, "Fixed fan-in dispatch").
 _GPU_GATHER_MAX_BATCH = 16
