@@ -89,7 +89,8 @@ def test_sharded_loss_and_grads_equal_one_device(spec, kind, num_labels):
       assert not got_leaf[num_labels:].any()  # padded labels get no gradient
 
 
-def test_kernels_trace_inside_shard_map():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_tile"])
+def test_kernels_trace_inside_shard_map(impl):
   # The GPU path: every pallas_call of the loss and its gradient (forward, dvalues, dx)
   # must tell shard_map over which mesh axes its output varies, or tracing fails. Only
   # traced here (the kernels compile on a GPU, where this run trained); Pallas
@@ -100,7 +101,7 @@ def test_kernels_trace_inside_shard_map():
   floats = {name: classifier[name] for name in ("values", "bias")}
   h = jax.random.normal(jax.random.key(9), (B, D))
   fanin_logits = lambda c, h: sj.fixed_fanin_matmul(h, c["values"], c["indices"],
-                                                    impl="pallas") + c["bias"]
+                                                    impl=impl) + c["bias"]
   loss = lambda c, h: xmc.sharded_chunked_loss(fanin_logits, {**c, "indices": indices}, h,
                                                LABEL_IDS, LABEL_MASK, mesh=mesh, num_labels=40,
                                                chunk_size=3)
