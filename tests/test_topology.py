@@ -595,7 +595,7 @@ def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch
     with monkeypatch.context() as patch:
       patch.setattr(jax, "default_backend", lambda: backend)
       patch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 5 * fan_in)
-      updates, new_state = tx.update(grads, state, params)  # update 2 rewires (traced here)
+      updates, new_state = jax.jit(tx.update)(grads, state, params)  # update 2 rewires
     return optax.apply_updates(params, updates)["clf"], new_state
 
   assert topology._REWIRE_BLOCK_ELEMENTS_ACCELERATOR >= out * fan_in

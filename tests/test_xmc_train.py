@@ -323,6 +323,7 @@ def test_bfloat16_compute_runs_on_cpu_and_auto_resumes(tmp_path_factory, fan_in)
       jnp.float32)
 
 
+@pytest.mark.slow  # fast representatives: test_topology's RigL candidates on a mesh
 def test_rigl_on_a_mesh_gives_the_one_device_topology(tmp_path_factory):
   # 198 labels: padded to 200 rows over 4 label shards; candidates sharded by rows.
   sizes = dict(SMALL, num_labels=198, epochs=2, regrowth="rigl")
