@@ -90,13 +90,13 @@ def fanin_choice(backend: str, *, batch: int, in_features: int, out: int, fan_in
     the XLA tile path at every size measured, so "auto" never picks them.
   - CPU (and any other backend): the tile path in XLA (BLAS) when the tile's
     matmuls do at most ``in / K`` = 8 times the gather's FLOPs and the batch
-    is at least 16 (BLAS then runs them more than 8 times faster per FLOP), or
-    at most 2 times at any batch; the gather path otherwise.
+    is at least 16 (BLAS then runs them more than 8 times faster per FLOP); the
+    gather path otherwise, batch 1 included.
   """
   if backend == "gpu":
     small = batch <= _GPU_GATHER_MAX_BATCH and fan_in <= 64 and out >= 1 << 19
     return "pallas" if small else "xla_tile"
-  if in_features <= 2 * fan_in or (batch >= 16 and in_features <= 8 * fan_in):
+  if batch >= 16 and in_features <= 8 * fan_in:
     return "xla_tile"
   return "xla"
 
