@@ -91,52 +91,39 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
   x2 = x.reshape(-1, x.shape[-1])
   if impl == "xla_tile":
     y = _tile_matmul(x2, values, indices)
-  elif impl in ("pallas_tile", "interpret_tile"):
-    y = _tile_kernel_matmul(x2, values, indices, impl == "interpret_tile")
   else:
-    y = _kernel_matmul(x2, values, indices, impl == "interpret")
+    y = _kernel_matmul(x2, values, indices, impl.endswith("_tile"),
+                       impl.startswith("interpret"))
   return y.reshape(*x.shape[:-1], out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_matmul(x, values, indices, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_matmul(x, values, indices, tile, interpret):
+  """The Pallas kernels: the fused tile ones (``tile``) or the gather ones."""
+  if tile:
+    return _tile_kernels.tile_forward(x, values, indices, interpret=interpret)
   return _kernels.fanin_forward(x, values, indices, interpret=interpret)
 
 
-def _kernel_matmul_fwd(x, values, indices, interpret):
-  return _kernel_matmul(x, values, indices, interpret), (x, values, indices)
+def _kernel_matmul_fwd(x, values, indices, tile, interpret):
+  return _kernel_matmul(x, values, indices, tile, interpret), (x, values, indices)
 
 
-def _kernel_matmul_bwd(interpret, residuals, g):
+def _kernel_matmul_bwd(tile, interpret, residuals, g):
   x, values, indices = residuals
-  dvalues = _kernels.fanin_dvalues(x, g, indices, values_dtype=values.dtype, interpret=interpret)
-  dx = _kernels.fanin_dx(g, values, indices, in_features=x.shape[1], interpret=interpret)
-  dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
-  return dx.astype(x.dtype), dvalues, dindices
-
-
-_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tile_kernel_matmul(x, values, indices, interpret):
-  return _tile_kernels.tile_forward(x, values, indices, interpret=interpret)
-
-
-def _tile_kernel_matmul_fwd(x, values, indices, interpret):
-  return _tile_kernel_matmul(x, values, indices, interpret), (x, values, indices)
-
-
-def _tile_kernel_matmul_bwd(interpret, residuals, g):
-  x, values, indices = residuals
-  # The kernels' dots run in x's dtype: bf16 x means a bf16 g too (bf16 compute).
-  dx, dvalues = _tile_kernels.tile_backward(x, g.astype(x.dtype), values, indices,
-                                            interpret=interpret)
+  if tile:
+    # The tile kernels' dots run in x's dtype: bf16 x means a bf16 g too (bf16 compute).
+    dx, dvalues = _tile_kernels.tile_backward(x, g.astype(x.dtype), values, indices,
+                                              interpret=interpret)
+  else:
+    dvalues = _kernels.fanin_dvalues(x, g, indices, values_dtype=values.dtype,
+                                     interpret=interpret)
+    dx = _kernels.fanin_dx(g, values, indices, in_features=x.shape[1], interpret=interpret)
   dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
   return dx.astype(x.dtype), dvalues.astype(values.dtype), dindices
 
 
-_tile_kernel_matmul.defvjp(_tile_kernel_matmul_fwd, _tile_kernel_matmul_bwd)
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
 # Output rows are processed in chunks of about this many (row, batch) elements, so

@@ -393,7 +393,7 @@ def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_
       main, candidates = candidates_loss(model.classifier_params(), h, batch["label_ids"],
                                          batch["label_mask"])
     else:
-      main, candidates = main_loss(_logits_fn(model, compute_dtype), model.classifier_params(),
+      main, candidates = main_loss(model.logits_fn, model.classifier_params(),
                                    h, batch["label_ids"], batch["label_mask"]), None
     if cluster_of_label is None:
       return main, (main, jnp.zeros_like(main), candidates)
@@ -412,29 +412,6 @@ def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_
     extra["regrowth_candidates"] = {"classifier": candidates}
   optimizer.update(model, grads, **extra)
   return nnx.state(model), nnx.state(optimizer), jnp.stack([total, main, aux])
-
-
-def _logits_fn(model: XMCModel, dtype):
-  """The chunk logits of ``model``'s classifier for an ``h`` in ``dtype``.
-
-  The fixed fan-in matmul computes in ``h``'s dtype (its tile paths round the
-  values to it) and returns float32 logits for float32 values; the dense
-  classifier's chunk of weights is cast here, its product accumulated and
-  returned in float32.
-  """
-  if model.sparse or dtype == jnp.float32:
-    return model.logits_fn
-  return _dense_logits_in(jnp.dtype(dtype))
-
-
-@functools.cache
-def _dense_logits_in(dtype):
-  """``dense_logits`` on ``h`` and the chunk's ``kernel_t`` in ``dtype`` (one function a dtype)."""
-  def logits(params, h):
-    z = jnp.dot(h.astype(dtype), params["kernel_t"].astype(dtype).T,
-                preferred_element_type=jnp.float32)
-    return z + params["bias"].astype(jnp.float32)
-  return logits
 
 
 def make_train_step(config: Config, model_def, opt_def, wrt, *, num_clusters: int,
@@ -496,10 +473,10 @@ def _predict(model_def, model_state, batch, *, k, label_chunk, layout=None,
   model = nnx.merge(model_def, model_state)
   z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
   h = model.classifier_input(z).astype(compute_dtype)
-  logits_fn = _logits_fn(model, compute_dtype)
   if layout is None:
-    return chunked_topk(logits_fn, model.classifier_params(), h, k=k, chunk_size=label_chunk)[1]
-  return sharded_chunked_topk(logits_fn, model.classifier_params(), h, mesh=layout.mesh,
+    return chunked_topk(model.logits_fn, model.classifier_params(), h, k=k,
+                        chunk_size=label_chunk)[1]
+  return sharded_chunked_topk(model.logits_fn, model.classifier_params(), h, mesh=layout.mesh,
                               num_labels=layout.num_labels, k=k, chunk_size=label_chunk)[1]
 
 

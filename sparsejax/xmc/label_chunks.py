@@ -92,7 +92,10 @@ def dense_logits(params, h: jax.Array) -> jax.Array:
     h: ``(B, d)`` features.
 
   Returns:
-    ``(B, C)`` logits ``h @ kernel_t.T + bias``.
+    ``(B, C)`` logits ``h @ kernel_t.T + bias``. The product runs in ``h``'s
+    dtype (``kernel_t`` cast to it), accumulated and returned in at least
+    float32, as ``fixed_fanin_logits`` on its tile path: a bfloat16 ``h`` means
+    bfloat16 matmul inputs and float32 logits.
   """
   if not (isinstance(params, Mapping) and "kernel_t" in params):
     raise ValueError("a dense classifier must be a mapping with 'kernel_t' (L, d) "
@@ -101,7 +104,8 @@ def dense_logits(params, h: jax.Array) -> jax.Array:
   if jnp.ndim(kernel_t) != 2 or jnp.shape(h)[-1] != jnp.shape(kernel_t)[1]:
     raise ValueError(f"kernel_t must have shape (L, {jnp.shape(h)[-1]}) for h of shape "
                      f"{jnp.shape(h)}, got {jnp.shape(kernel_t)}")
-  y = h @ kernel_t.T
+  acc = jnp.promote_types(jnp.result_type(h), jnp.float32)
+  y = jnp.dot(h, kernel_t.astype(jnp.result_type(h)).T, preferred_element_type=acc)
   return y if bias is None else y + bias.astype(y.dtype)
 
 
