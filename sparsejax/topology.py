@@ -141,6 +141,8 @@ def max_pruned_per_row(fan_in: int, prune_fraction: float | optax.Schedule | Non
   Returns:
     An int in ``[0, K]``.
   """
+  if not isinstance(fan_in, numbers.Integral) or fan_in < 1:
+    raise ValueError(f"fan_in must be a positive integer, got {fan_in!r}")
   if isinstance(prune_fraction, numbers.Real):
     # In float32, as prune_smallest counts.
     return int(np.floor(np.float32(prune_fraction) * np.float32(fan_in)))

@@ -259,3 +259,11 @@ def test_fused_tile_kernels_through_the_custom_vjp(dtype):
   assert rel_err(y, np.asarray(x, np.float64) @ np.asarray(layer.to_dense(), np.float64)) < tolerance
   assert rel_err(dx, ref_dx) < tolerance
   assert rel_err(dvalues, ref_dvalues) < tolerance
+
+
+def test_tile_rows_fit_the_budget_in_multiples_of_256():
+  from sparsejax import fanin_matmul
+  assert fanin_matmul.tile_rows(768, 65_536) == 65_536  # one chunk of the GPU default: one tile
+  rows = fanin_matmul.tile_rows(768, 3_000_000)
+  assert rows % 256 == 0 and rows * 768 <= fanin_matmul._TILE_ELEMENTS < (rows + 256) * 768
+  assert fanin_matmul.tile_rows(2**27, 10) == 1  # a row larger than the budget: one at a time

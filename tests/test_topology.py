@@ -612,3 +612,14 @@ def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch
   for moment in (gpu_state.inner_state[0].mu, gpu_state.inner_state[0].nu):
     moment = np.asarray(moment["clf"].values)
     assert not moment[pruned].any() and moment[~pruned].all()
+
+
+def test_max_pruned_per_row_counts_as_prune_smallest():
+  for fan_in, fraction in ((64, 0.3), (10, 0.7), (3, 1.0), (5, 0.0)):
+    w = jax.random.normal(jax.random.key(fan_in), (4, fan_in))
+    pruned = topology.prune_smallest(w, fraction)
+    assert topology.max_pruned_per_row(fan_in, fraction) == int(pruned.sum(axis=1).max())
+  assert topology.max_pruned_per_row(8, lambda t: 0.5) == 8  # a schedule: up to K
+  assert topology.max_pruned_per_row(8, None) == 8  # threshold mode: up to K
+  with pytest.raises(ValueError, match="fan_in must be a positive integer"):
+    topology.max_pruned_per_row(0, 0.3)
