@@ -73,7 +73,7 @@ def _check(dx, dvalues, x, values, indices, tolerance: float) -> float:
 
 def measure(batch: int, in_features: int, out: int, fan_in: int, dtype, paths, rounds: int):
   """``{path: median seconds or error string}`` for one shape, paths timed interleaved."""
-  layer = sj.FixedFanIn.init(jax.random.key(out + fan_in), in_features, out, fan_in)
+  layer = sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(out + fan_in))
   values = layer.values.astype(dtype)
   x = jax.random.normal(jax.random.key(batch), (batch, in_features), dtype)
   steps, seconds = {}, {}

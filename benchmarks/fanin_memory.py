@@ -105,7 +105,7 @@ def make_train_step(loss_fn, optimizer):
 def init_sparse(key, *, out, fan_in, in_features, batch, optimizer):
   """Real step arguments ``(params, opt_state, indices, x)`` of the sparse case."""
   layer_key, x_key = jax.random.split(key)
-  layer = FixedFanIn.init(layer_key, in_features, out, fan_in)
+  layer = FixedFanIn.init(in_features, out, fan_in, key=layer_key)
   params = {"values": layer.values, "bias": layer.bias}
   x = jax.random.normal(x_key, (batch, in_features))
   return params, optimizer.init(params), layer.indices, x

@@ -72,7 +72,7 @@ run_step() {  # one step; prints and records its exit status
       cat > "$script" <<EOF
 # One fwd+bwd of the fused tile kernel (bf16), for ncu.
 import jax, jax.numpy as jnp, sparsejax as sj
-layer = sj.FixedFanIn.init(jax.random.key(0), 768, $tile_out, $tile_k)
+layer = sj.FixedFanIn.init(768, $tile_out, $tile_k, key=jax.random.key(0))
 x = jax.random.normal(jax.random.key(1), (256, 768), jnp.bfloat16)
 loss = lambda x, v, i: 0.5 * jnp.sum(
     sj.fixed_fanin_matmul(x, v, i, impl="pallas_tile").astype(jnp.float32) ** 2)

@@ -222,7 +222,7 @@ def check_ragged(impl: str, tolerance: float = 1e-4) -> str:
   try:
     for in_features, out, fan_in, batch in ((30, 21, 3, 19), (16, 40, 16, 70), (8, 33, 1, 1),
                                             (768, 1000, 64, 100)):
-      layer = sj.FixedFanIn.init(jax.random.key(out), in_features, out, fan_in)
+      layer = sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(out))
       x = jax.random.normal(jax.random.key(batch), (batch, in_features))
       got, want = (_sparse_step(i)(x, layer.values, layer.indices) for i in (impl, "xla"))
       for a, b in zip(got, want):
@@ -238,7 +238,7 @@ def check_ragged(impl: str, tolerance: float = 1e-4) -> str:
 def sweep(out: int, fan_in: int, batch: int, in_features: int, repeats: int) -> str:
   """Times each kernel alone over launch settings; returns a markdown table, fastest first."""
   from sparsejax.kernels import fanin
-  layers = [sj.FixedFanIn.init(jax.random.key(i), in_features, out, fan_in) for i in range(2)]
+  layers = [sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(i)) for i in range(2)]
   xs = [jax.random.normal(jax.random.key(20 + i), (batch, in_features)) for i in range(2)]
   gs = [jax.random.normal(jax.random.key(30 + i), (batch, out)) for i in range(2)]
   T = fanin.Tuning
@@ -361,7 +361,7 @@ def run(outs, fan_ins, batch: int, in_features: int, repeats: int, max_dense_byt
         rows.append(Row(out, 0, name, None, moved, f"error: {_one_line(error)}", dtype_name,
                         status="error"))
     for fan_in in fan_ins:
-      layers = [sj.FixedFanIn.init(jax.random.key(i), in_features, out, fan_in) for i in range(2)]
+      layers = [sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(i)) for i in range(2)]
       xs = [jax.random.normal(jax.random.key(20 + i), (batch, in_features)) for i in range(2)]
       nnz = out * fan_in
       for impl, dtype_name in paths:
@@ -506,7 +506,7 @@ def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
   for n, m, method in _NM:
     name = f"{n}:{m} {method}"
     xla_mask = jax.jit(lambda g, k, n=n, m=m, method=method: sj.nm_prune(
-        g, k, n=n, m=m, method=method, axis=0))
+        g, key=k, n=n, m=m, method=method, axis=0))
     kernel_mask = jax.jit(lambda g, k, m=m, method=method: nm.nm_prune_kernel(
         g, _key_data(k), m=m, method=method, axis=0))
     fused = jax.jit(lambda x, g, k, m=m, method=method: nm.pruned_weight_grad(

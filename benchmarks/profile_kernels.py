@@ -35,7 +35,7 @@ def _nm_calls():
 
 
 def _fanin_calls():
-  layer = sj.FixedFanIn.init(jax.random.key(0), FLAGS.in_features, FLAGS.out, FLAGS.fan_in)
+  layer = sj.FixedFanIn.init(FLAGS.in_features, FLAGS.out, FLAGS.fan_in, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (FLAGS.batch, FLAGS.in_features))
   g = jax.random.normal(jax.random.key(2), (FLAGS.batch, FLAGS.out))
   args = (x, g, layer.values, layer.indices)  # arguments, not constants baked into the code

@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def _layer_step():
-  layer = sj.FixedFanIn.init(jax.random.key(0), FLAGS.in_features, FLAGS.out, FLAGS.fan_in)
+  layer = sj.FixedFanIn.init(FLAGS.in_features, FLAGS.out, FLAGS.fan_in, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (FLAGS.batch, FLAGS.in_features), jnp.bfloat16)
   if FLAGS.impl == "dense":
     w = jax.random.normal(jax.random.key(2), (FLAGS.in_features, FLAGS.out), jnp.bfloat16)
@@ -49,8 +49,8 @@ def _layer_step():
 
 
 def _set_step():
-  params = {"layer": sj.FixedFanIn.init(jax.random.key(0), FLAGS.in_features, FLAGS.out,
-                                        FLAGS.fan_in)}
+  params = {"layer": sj.FixedFanIn.init(FLAGS.in_features, FLAGS.out,
+                                        FLAGS.fan_in, key=jax.random.key(0))}
   tx = sj.set_topology(optax.adam(1e-3), key=jax.random.key(1), interval=1, end_step=10**6)
   state = tx.init(params)
   grads = jax.tree.map(lambda p: jnp.ones_like(p) if jnp.issubdtype(p.dtype, jnp.floating)

@@ -34,7 +34,7 @@ def step_temp_bytes(tx, params) -> int:
 
 
 def main(out: int = 500_000, fan_in: int = 32, in_features: int = 128) -> None:
-  params = {"clf": sj.FixedFanIn.init(jax.random.key(0), in_features, out, fan_in)}
+  params = {"clf": sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(0))}
   default = topology._REWIRE_BLOCK_ELEMENTS
   rows = []
   for label, block in (("SET, all rows in one block", 1 << 62), (f"SET, blocks of {default:,} slots", default)):

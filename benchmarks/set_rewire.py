@@ -88,7 +88,7 @@ def block_elements(elements: int):
 def measure(labels: int, fan_in: int, in_features: int, fraction: float, blocks, repeats: int):
   """Rows ``(piece, slots per block, ms, note)`` of one layer."""
   keys = jax.random.split(jax.random.key(0), 3)
-  layer = sj.FixedFanIn.init(keys[0], in_features, labels, fan_in)
+  layer = sj.FixedFanIn.init(in_features, labels, fan_in, key=keys[0])
   w = jax.random.normal(keys[1], (labels, fan_in))
   layer = layer._unchecked(w, layer.indices, layer.bias, in_features)
   default = topology._rewire_block_elements()

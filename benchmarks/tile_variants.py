@@ -136,7 +136,7 @@ def matmul_rate(rounds: int) -> float:
 
 
 def run_case(out: int, fan_in: int, batch: int, in_features: int, log2s, rounds: int):
-  layer = sj.FixedFanIn.init(jax.random.key(out + fan_in), in_features, out, fan_in)
+  layer = sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(out + fan_in))
   values, indices = layer.values, layer.indices
   x = jax.random.normal(jax.random.key(batch), (batch, in_features), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(3), (in_features, out), jnp.bfloat16)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparsejax._vma import kernel_out_shape
+from .vma import kernel_out_shape
 
 __all__ = ["Tuning", "fanin_forward", "fanin_dvalues", "fanin_dx", "fanin_dx_sorted",
            "sort_topology", "FORWARD_TUNING", "DVALUES_TUNING", "DX_TUNING", "DX_CHUNK"]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparsejax._vma import kernel_out_shape
+from .vma import kernel_out_shape
 
 __all__ = ["Tuning", "BackwardTuning", "tile_forward", "tile_dx", "tile_dvalues",
            "tile_backward", "FORWARD_TILE_TUNING", "DX_TILE_TUNING", "DVALUES_TILE_TUNING",

@@ -35,8 +35,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparsejax._vma import kernel_out_shape
-from sparsejax.mvue import DRAWS, group_words, prune_columns, threefry_words, uniform_from_word
+from .vma import kernel_out_shape
+from sparsejax.mvue import DRAWS, prune_columns
+
+from .threefry import group_words, threefry_words, uniform_from_word
 
 __all__ = ["MaskTuning", "DwTuning", "MASK_TUNING", "DW_TUNING", "nm_prune_kernel",
            "pruned_weight_grad"]
@@ -188,7 +190,7 @@ def pruned_weight_grad(x, g, key_data, *, m: int, method: str, interpret: bool =
     key_data: uint32 ``(2,)``; ``m``, ``method``: as in ``nm_prune_kernel``.
 
   Returns:
-    float32 ``(in, out)``. The pruned ``g`` equals ``nm_prune(g, key, axis=0)``
+    float32 ``(in, out)``. The pruned ``g`` equals ``nm_prune(g, key=key, axis=0)``
     bit for bit; the dot accumulates in float32 (no TF32).
   """
   tokens, ins = x.shape

@@ -5,12 +5,13 @@ from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import (FixedFanIn, check_fixed_fanin, default_index_dtype,
                                    draw_columns, random_topology)
 from sparsejax.grad_prune import prune_grad, prune_weight_grad, pruned_linear
-from sparsejax.masked import MaskedLinear
+from sparsejax.masked import MaskedDense
 from sparsejax.mvue import nm_prune
 from sparsejax.nm import is_nm_sparse, nm_mask
 from sparsejax.topology import (RegrowthCandidates, SetTopologyState, is_rewire_step,
                                 rigl_regrowth_columns, set_topology, sparse_layer_names,
                                 static_topology)
+from sparsejax import memory
 from sparsejax import nn
 from sparsejax import supar
 from sparsejax import xmc
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FixedFanIn",
-    "MaskedLinear",
+    "MaskedDense",
     "ParamSpec",
     "RegrowthCandidates",
     "SetTopologyState",
@@ -33,6 +34,7 @@ __all__ = [
     "is_rewire_step",
     "nm_mask",
     "nm_prune",
+    "memory",
     "nn",
     "prune_grad",
     "prune_weight_grad",

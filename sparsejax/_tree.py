@@ -19,7 +19,12 @@ from sparsejax.fixed_fanin import FixedFanIn
 
 
 def path_name(path) -> str:
-  """``"a/b/0"`` for the key path ``['a'].b[0]``."""
+  """``"a/b/0"`` for the key path ``['a'].b[0]`` or the NNX graph path ``("a", "b", 0)``.
+
+  The one join of path entries into a layer name: SET's ``in_features``
+  lookup, SμPar's spec table and ``sparsejax.nn.fixed_fanin_sizes`` all name
+  layers with it, so their names agree.
+  """
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
-from sparsejax._vma import varying_like
+from sparsejax.kernels.vma import varying_like
 from sparsejax.dispatch import resolve_fanin_impl
 from sparsejax.kernels import fanin as _kernels
 from sparsejax.kernels import fanin_tile as _tile_kernels

@@ -42,8 +42,8 @@ def _check_sizes(in_features: int, out_features: int, fan_in: int) -> None:
     raise ValueError(f"fan_in={fan_in} exceeds in_features={in_features}")
 
 
-def random_topology(key: jax.Array, in_features: int, out_features: int, fan_in: int,
-                    index_dtype=None) -> jax.Array:
+def random_topology(in_features: int, out_features: int, fan_in: int, index_dtype=None, *,
+                    key: jax.Array) -> jax.Array:
   """Draws ``fan_in`` distinct random input columns for every output row.
 
   Every row is an independent, uniformly random ``fan_in``-subset of
@@ -68,8 +68,8 @@ def random_topology(key: jax.Array, in_features: int, out_features: int, fan_in:
   return jnp.sort(cols, axis=1).astype(index_dtype)
 
 
-def draw_columns(key: jax.Array, indices: jax.Array, free: jax.Array,
-                 in_features: int) -> jax.Array:
+def draw_columns(indices: jax.Array, free: jax.Array, in_features: int, *,
+                 key: jax.Array) -> jax.Array:
   """Redraws the ``free`` slots of every row with distinct random columns.
 
   The new columns of a row are a uniformly random set among the columns its
@@ -304,7 +304,7 @@ class FixedFanIn:
     return self.fan_in / self.in_features
 
   @classmethod
-  def init(cls, key: jax.Array, in_features: int, out_features: int, fan_in: int, *,
+  def init(cls, in_features: int, out_features: int, fan_in: int, *, key: jax.Array,
            dtype=jnp.float32, index_dtype=None, bias: bool = True) -> "FixedFanIn":
     """A layer with random topology and values ``U(-1/sqrt(K), 1/sqrt(K))``.
 
@@ -323,7 +323,7 @@ class FixedFanIn:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
     topology_key, values_key = jax.random.split(key)
-    indices = random_topology(topology_key, in_features, out_features, fan_in, index_dtype)
+    indices = random_topology(in_features, out_features, fan_in, index_dtype, key=topology_key)
     bound = 1.0 / np.sqrt(fan_in)
     values = jax.random.uniform(values_key, (out_features, fan_in), dtype, -bound, bound)
     bias_array = jnp.zeros((out_features,), dtype) if bias else None

@@ -1,14 +1,14 @@
 """N:M pruning of neural gradients in the backward pass.
 
-``prune_grad(y, key, ...)`` is the identity in the forward pass and prunes the
+``prune_grad(y, key=key, ...)`` is the identity in the forward pass and prunes the
 cotangent of ``y`` in the backward pass, so every consumer of dY (the weight
 gradient and the input gradient) sees the pruned tensor.
 
-``prune_weight_grad(apply, x, params, key, ...)`` computes ``apply(x, params)``
+``prune_weight_grad(apply, x, params, key=key, ...)`` computes ``apply(x, params)``
 and, in the backward pass, gives ``params`` the gradient of the pruned dY
 (pruned along the token axis, the contraction axis of ``dW = dY^T X``) while
 ``x`` gets the gradient of the dense dY, as in the 2:4 training literature.
-``pruned_linear(x, kernel, key, ...)`` is that rule for a dense matmul, where
+``pruned_linear(x, kernel, key=key, ...)`` is that rule for a dense matmul, where
 the GPU kernel fuses the pruning into ``dW = X^T prune(dY)``.
 
 Each takes ``impl`` (see ``sparsejax.resolve_impl``): the Pallas kernels
@@ -39,12 +39,12 @@ def _uses_kernel(impl: str, method: str, dtype) -> bool:
 def _prune(g, key, n, m, method, axis, impl):
   """``nm_prune`` of a cotangent, by the kernel when ``impl`` asks for one and it applies."""
   if not _uses_kernel(impl, method, g.dtype):
-    return nm_prune(g, key, n=n, m=m, method=method, axis=axis)
+    return nm_prune(g, key=key, n=n, m=m, method=method, axis=axis)
   return _kernels.nm_prune_kernel(g, _key_data(key), m=m, method=method, axis=axis % g.ndim,
                                   interpret=impl == "interpret")
 
 
-def prune_grad(y: jax.Array, key: jax.Array | None, *, n: int, m: int, method: str,
+def prune_grad(y: jax.Array, *, key: jax.Array | None = None, n: int, m: int, method: str,
                axis: int = -1, impl: str | None = None) -> jax.Array:
   """Identity whose backward pass prunes the cotangent with ``nm_prune``.
 
@@ -61,7 +61,7 @@ def prune_grad(y: jax.Array, key: jax.Array | None, *, n: int, m: int, method: s
     ``y``, unchanged.
   """
   # Fail now, not in the backward pass: validate on a zero cotangent of y's shape.
-  jax.eval_shape(functools.partial(nm_prune, n=n, m=m, method=method, axis=axis),
+  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=axis),
                  jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)), key)
   return _prune_grad(y, key, n, m, method, axis, resolve_impl(impl))
 
@@ -84,7 +84,7 @@ _prune_grad.defvjp(_prune_grad_fwd, _prune_grad_bwd)
 
 
 def prune_weight_grad(apply: Callable[[jax.Array, Any], jax.Array], x: jax.Array, params: Any,
-                      key: jax.Array | None, *, n: int, m: int, method: str,
+                      *, key: jax.Array | None = None, n: int, m: int, method: str,
                       impl: str | None = None) -> jax.Array:
   """``apply(x, params)`` whose parameter gradient uses an N:M-pruned dY.
 
@@ -111,7 +111,7 @@ def prune_weight_grad(apply: Callable[[jax.Array, Any], jax.Array], x: jax.Array
   """
   y_shape = jax.eval_shape(apply, x, params)
   tokens = math.prod(y_shape.shape[:-1])
-  jax.eval_shape(functools.partial(nm_prune, n=n, m=m, method=method, axis=0),
+  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=0),
                  jax.ShapeDtypeStruct((tokens, y_shape.shape[-1]), y_shape.dtype), key)
   # Closed-over arrays (tracers under jit) become explicit arguments of the rule.
   converted, consts = jax.closure_convert(apply, x, params)
@@ -140,8 +140,8 @@ def _prune_weight_grad_bwd(apply, n, m, method, impl, residuals, g):
 _prune_weight_grad.defvjp(_prune_weight_grad_fwd, _prune_weight_grad_bwd)
 
 
-def pruned_linear(x: jax.Array, kernel: jax.Array, key: jax.Array | None, *, n: int, m: int,
-                  method: str, impl: str | None = None) -> jax.Array:
+def pruned_linear(x: jax.Array, kernel: jax.Array, *, key: jax.Array | None = None, n: int,
+                  m: int, method: str, impl: str | None = None) -> jax.Array:
   """``x @ kernel`` whose kernel gradient is ``X^T nm_prune(dY)`` along the tokens.
 
   The dense-layer case of ``prune_weight_grad``: ``x`` gets the dense
@@ -164,7 +164,7 @@ def pruned_linear(x: jax.Array, kernel: jax.Array, key: jax.Array | None, *, n: 
     raise ValueError(f"pruned_linear needs x (..., in) and kernel (in, out), got shapes "
                      f"{jnp.shape(x)} and {jnp.shape(kernel)}")
   tokens = math.prod(jnp.shape(x)[:-1])
-  jax.eval_shape(functools.partial(nm_prune, n=n, m=m, method=method, axis=0),
+  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=0),
                  jax.ShapeDtypeStruct((tokens, jnp.shape(kernel)[1]),
                                       jnp.result_type(x, kernel)), key)
   return _pruned_linear(n, m, method, resolve_impl(impl), x, kernel, key)
@@ -187,7 +187,7 @@ def _pruned_linear_bwd(n, m, method, impl, residuals, g):
     dkernel = _kernels.pruned_weight_grad(x2, g2, _key_data(key), m=m, method=method,
                                           interpret=impl == "interpret")
   else:
-    dkernel = x2.T @ nm_prune(g2, key, n=n, m=m, method=method, axis=0)
+    dkernel = x2.T @ nm_prune(g2, key=key, n=n, m=m, method=method, axis=0)
   return (g @ kernel.T).astype(x.dtype), dkernel.astype(kernel.dtype), None
 
 

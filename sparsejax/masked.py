@@ -1,8 +1,8 @@
-"""``MaskedLinear``: a dense weight times a static 0/1 mask.
+"""``MaskedDense``: a dense weight times a static 0/1 mask.
 
 The reference for low sparsity and for SμPar comparisons: memory is that of a
 dense layer, but the maths is the same as ``FixedFanIn`` with the same
-topology (``MaskedLinear.from_fixed_fanin``).
+topology (``MaskedDense.from_fixed_fanin``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from sparsejax import _checks
 from sparsejax.fixed_fanin import FixedFanIn
 
-__all__ = ["MaskedLinear"]
+__all__ = ["MaskedDense"]
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class MaskedLinear:
+class MaskedDense:
   """``y = x @ (weight * mask) + bias`` with a fixed boolean ``mask``.
 
   The gradient of ``weight`` is zero wherever ``mask`` is False, so masked
@@ -73,21 +73,21 @@ class MaskedLinear:
     return jnp.mean(self.mask)
 
   @classmethod
-  def init(cls, key: jax.Array, in_features: int, out_features: int, fan_in: int, *,
-           dtype=jnp.float32, bias: bool = True) -> "MaskedLinear":
+  def init(cls, in_features: int, out_features: int, fan_in: int, *, key: jax.Array,
+           dtype=jnp.float32, bias: bool = True) -> "MaskedDense":
     """A random mask with ``fan_in`` inputs per output, as ``FixedFanIn.init``.
 
     The same key gives exactly the topology and values of
-    ``FixedFanIn.init(key, in_features, out_features, fan_in, dtype=dtype)``.
+    ``FixedFanIn.init(in_features, out_features, fan_in, key=key, dtype=dtype)``.
 
     Returns:
-      A ``MaskedLinear`` with ``weight``/``mask`` of shape ``(in, out)``.
+      A ``MaskedDense`` with ``weight``/``mask`` of shape ``(in, out)``.
     """
-    layer = FixedFanIn.init(key, in_features, out_features, fan_in, dtype=dtype, bias=bias)
+    layer = FixedFanIn.init(in_features, out_features, fan_in, key=key, dtype=dtype, bias=bias)
     return cls.from_fixed_fanin(layer)
 
   @classmethod
-  def from_fixed_fanin(cls, layer: FixedFanIn) -> "MaskedLinear":
+  def from_fixed_fanin(cls, layer: FixedFanIn) -> "MaskedDense":
     """The dense-plus-mask equivalent of a ``FixedFanIn`` layer."""
     return cls.tree_unflatten(None, (layer.to_dense(), layer.to_mask(), layer.bias))
 
@@ -103,5 +103,5 @@ class MaskedLinear:
     return jnp.where(self.mask, self.weight, jnp.zeros((), self.weight.dtype))
 
   def __repr__(self) -> str:
-    return (f"MaskedLinear(in={self.in_features}, out={self.out_features}, "
+    return (f"MaskedDense(in={self.in_features}, out={self.out_features}, "
             f"weight={self.weight.dtype}, bias={self.bias is not None})")

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import _checks
+from sparsejax.kernels.threefry import group_words, uniform_from_word
 from sparsejax.nm import _check_nm, from_groups, nm_mask, to_groups
 
-__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "prune_columns", "group_uniforms",
-           "group_words", "threefry_words", "uniform_from_word"]
+__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "prune_columns", "group_uniforms"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
 # Uniforms per group of each random (method, n, m).
@@ -72,58 +72,7 @@ def _key_data(key) -> jax.Array:
   return key
 
 
-def threefry_words(key_words: tuple, counter0: jax.Array, counter1: jax.Array):
-  """Threefry-2x32 (20 rounds) of the counter pair ``(counter0, counter1)``, elementwise.
-
-  The same bits as ``jax.extend.random.threefry_2x32``, written with uint32
-  adds, shifts and xors only, so Pallas kernels can run it on their tiles.
-
-  Arguments:
-    key_words: the key's two uint32 words (scalars).
-    counter0, counter1: uint32 arrays of one shape.
-
-  Returns:
-    The two output words, uint32 arrays of the counters' shape.
-  """
-  k0, k1 = key_words
-  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-  x0, x1 = counter0 + ks[0], counter1 + ks[1]
-  for block in range(5):
-    for r in _ROTATIONS[block % 2]:
-      x0 = x0 + x1
-      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-    x0 = x0 + ks[(block + 1) % 3]
-    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
-  return x0, x1
-
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def uniform_from_word(word: jax.Array) -> jax.Array:
-  """float32 in ``[0, 1)`` from the top 23 bits of a uint32 word (as ``jax.random.uniform``)."""
-  return (word >> np.uint32(9)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-23)
-
-
-def group_words(key_words: tuple, group: jax.Array, draws: int) -> list:
-  """The random words of each group, elementwise (the map of the module docstring).
-
-  Arguments:
-    key_words: the key's two uint32 words (scalars).
-    group: uint32 array of group numbers.
-    draws: words per group, 1 or 2.
-
-  Returns:
-    ``draws`` uint32 arrays of ``group``'s shape. With one draw, groups ``2 c``
-    and ``2 c + 1`` get words 0 and 1 of ``threefry2x32(key, (c, 0))``.
-  """
-  if draws == 1:
-    w0, w1 = threefry_words(key_words, group >> np.uint32(1), jnp.zeros(group.shape, jnp.uint32))
-    return [jnp.where((group & np.uint32(1)) == 0, w0, w1)]
-  return list(threefry_words(key_words, group, jnp.zeros(group.shape, jnp.uint32)))
-
-
-def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
+def group_uniforms(num_groups: int, draws: int, *, key: jax.Array) -> jax.Array:
   """Uniforms in ``[0, 1)`` for each group, from ``group_words``.
 
   Arguments:
@@ -141,7 +90,7 @@ def group_uniforms(key: jax.Array, num_groups: int, draws: int) -> jax.Array:
   return jnp.stack([uniform_from_word(w) for w in words], axis=-1)
 
 
-def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, method: str,
+def nm_prune(x: jax.Array, *, key: jax.Array | None = None, n: int, m: int, method: str,
              axis: int = -1) -> jax.Array:
   """Prunes ``x`` to ``n`` non-zeros in every group of ``m`` consecutive entries along ``axis``.
 
@@ -167,7 +116,7 @@ def nm_prune(x: jax.Array, key: jax.Array | None = None, *, n: int, m: int, meth
   _checks.check_finite(x, "x")
   x = jnp.asarray(x)
   groups = to_groups(x, m, axis)
-  uniforms = group_uniforms(key, int(np.prod(groups.shape[:-1])), DRAWS[method, n, m])
+  uniforms = group_uniforms(int(np.prod(groups.shape[:-1])), DRAWS[method, n, m], key=key)
   out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)
   return from_groups(out, axis)
 

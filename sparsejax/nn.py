@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax import _checks
+from sparsejax import _checks, _tree
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.grad_prune import prune_grad, prune_weight_grad
-from sparsejax.masked import MaskedLinear as _MaskedLinearFn
+from sparsejax.masked import MaskedDense
 
 __all__ = ["Indices", "Mask", "EmbeddingBag", "FixedFanInLinear", "MaskedLinear", "PrunedGrad",
            "fixed_fanin_sizes"]
@@ -57,7 +57,7 @@ class FixedFanInLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, fan_in: int, *,
                use_bias: bool = True, dtype=jnp.float32, index_dtype=None, rngs: nnx.Rngs):
-    layer = FixedFanIn.init(rngs.params(), in_features, out_features, fan_in, dtype=dtype,
+    layer = FixedFanIn.init(in_features, out_features, fan_in, key=rngs.params(), dtype=dtype,
                             index_dtype=index_dtype, bias=use_bias)
     self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
     self.values = nnx.Param(layer.values)
@@ -88,21 +88,21 @@ class MaskedLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, fan_in: int, *,
                use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
-    layer = _MaskedLinearFn.init(rngs.params(), in_features, out_features, fan_in, dtype=dtype,
-                                 bias=use_bias)
+    layer = MaskedDense.init(in_features, out_features, fan_in, key=rngs.params(), dtype=dtype,
+                             bias=use_bias)
     self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
     self.weight = nnx.Param(layer.weight)
     self.mask = Mask(layer.mask)
     self.bias = _param_or_none(layer.bias)
 
-  def as_masked_linear(self) -> _MaskedLinearFn:
-    """The current state as a functional ``sparsejax.MaskedLinear`` pytree."""
-    return _MaskedLinearFn.tree_unflatten(
+  def as_masked_dense(self) -> MaskedDense:
+    """The current state as a functional ``sparsejax.MaskedDense`` pytree."""
+    return MaskedDense.tree_unflatten(
         None, (self.weight[...], self.mask[...], _value_or_none(self.bias)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """``(..., in) -> (..., out)``."""
-    return self.as_masked_linear()(x)
+    return self.as_masked_dense()(x)
 
 
 def fixed_fanin_sizes(model: nnx.Module) -> dict[str, int]:
@@ -112,7 +112,7 @@ def fixed_fanin_sizes(model: nnx.Module) -> dict[str, int]:
   ``sparsejax.set_topology(..., in_features=...)``, which needs the input size
   that the NNX state's arrays do not record.
   """
-  return {"/".join(map(str, path)): node.in_features
+  return {_tree.path_name(path): node.in_features
           for path, node in nnx.iter_graph(model) if isinstance(node, FixedFanInLinear)}
 
 
@@ -151,12 +151,12 @@ class PrunedGrad(nnx.Module):
     prune = dict(n=self.n, m=self.m, method=self.method)
     if self.weight_grad_only:
       graphdef, state = nnx.split(self.layer)
-      return prune_weight_grad(lambda x, state: nnx.merge(graphdef, state)(x), x, state, key,
+      return prune_weight_grad(lambda x, state: nnx.merge(graphdef, state)(x), x, state, key=key,
                                **prune)
     y = self.layer(x)
     tokens = y.reshape(-1, y.shape[-1])
     axis = 0 if self.axis == "tokens" else 1
-    return prune_grad(tokens, key, axis=axis, **prune).reshape(y.shape)
+    return prune_grad(tokens, key=key, axis=axis, **prune).reshape(y.shape)
 
 
 # nnx.Embed's default: normal with variance 1 / features.

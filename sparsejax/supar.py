@@ -53,7 +53,7 @@ from flax import nnx
 
 from sparsejax import _tree, nn
 from sparsejax.fixed_fanin import FixedFanIn
-from sparsejax.masked import MaskedLinear
+from sparsejax.masked import MaskedDense
 from sparsejax.topology import static_topology
 
 __all__ = ["ROLES", "PARAMETERIZATIONS", "ParamSpec", "SuPar", "infer_specs", "initialize",
@@ -187,7 +187,7 @@ def infer_specs(model_or_params, *, roles: Mapping[str, str] | None = None,
                 densities: Mapping[str, float] | None = None) -> dict[str, ParamSpec]:
   """Derives every float parameter's ``ParamSpec`` from a model.
 
-  Sparse layers (``FixedFanIn``/``MaskedLinear`` nodes, or the NNX
+  Sparse layers (``FixedFanIn``/``MaskedDense`` nodes, or the NNX
   ``FixedFanInLinear``/``MaskedLinear`` modules) are hidden with their own
   density ``K / in``; their biases and every other parameter of ndim <= 1 are
   vector-like; other matrices are dense hidden. Embedding and output layers
@@ -210,14 +210,14 @@ def infer_specs(model_or_params, *, roles: Mapping[str, str] | None = None,
     for path, node in nnx.iter_graph(model_or_params):
       field = {nn.FixedFanInLinear: "values", nn.MaskedLinear: "weight"}.get(type(node))
       if field:
-        known["/".join(map(str, path)) + f"/{field}"] = node.fan_in / node.in_features
+        known[_tree.path_name(path) + f"/{field}"] = node.fan_in / node.in_features
   else:
     tree, known = model_or_params, {}
     for path, node in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda n: isinstance(n, (FixedFanIn, MaskedLinear)))[0]:
+        tree, is_leaf=lambda n: isinstance(n, (FixedFanIn, MaskedDense)))[0]:
       if isinstance(node, FixedFanIn):
         known[_tree.path_name(path) + "/values"] = node.density
-      elif isinstance(node, MaskedLinear):
+      elif isinstance(node, MaskedDense):
         known[_tree.path_name(path) + "/weight"] = float(node.density)
 
   specs = {}
@@ -241,7 +241,7 @@ def initialize(params, specs, parameterization: SuPar, *, key: jax.Array):
   """Redraws every non-vector float leaf as ``N(0, init_std_of(spec)^2)``.
 
   Vector-like leaves and non-float leaves (indices, masks) are returned as they
-  are. Entries outside a ``MaskedLinear``'s mask are drawn too; they are never
+  are. Entries outside a ``MaskedDense``'s mask are drawn too; they are never
   read. Leaf ``i`` (in sorted name order) uses ``fold_in(key, i)``.
 
   Arguments:

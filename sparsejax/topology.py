@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparsejax import _tree
-from sparsejax._vma import varying_like
+from sparsejax.kernels.vma import varying_like
 from sparsejax.fanin_matmul import _over_row_chunks
 from sparsejax.fixed_fanin import _draw_columns, fill_free_slots
 

@@ -52,7 +52,7 @@ def test_unknown_impl_is_named():
 
 def test_auto_matches_the_path_it_picks():
   # "auto" computes exactly what the chosen path computes (same bits).
-  layer = sj.FixedFanIn.init(jax.random.key(0), 128, 300, 32)
+  layer = sj.FixedFanIn.init(128, 300, 32, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (64, 128))
   choice = dispatch.resolve_fanin_impl(None, batch=64, in_features=128, out=300, fan_in=32)
   got = sj.fixed_fanin_matmul(x, layer.values, layer.indices)

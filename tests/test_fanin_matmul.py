@@ -27,7 +27,7 @@ CASES = [
 def _problem(case, seed, dtype=jnp.float32):
   batch, n_in, n_out, k, index_dtype = case
   kx, kl, kg = jax.random.split(jax.random.key(seed), 3)
-  layer = sj.FixedFanIn.init(kl, n_in, n_out, k, dtype=dtype, index_dtype=index_dtype)
+  layer = sj.FixedFanIn.init(n_in, n_out, k, key=kl, dtype=dtype, index_dtype=index_dtype)
   x = jax.random.normal(kx, (*batch, n_in), dtype)
   g = jax.random.normal(kg, (*batch, n_out), dtype)
   return layer, x, g
@@ -140,7 +140,7 @@ def test_float64_check_grads_tight(impl, split, request):
 
 @pytest.mark.parametrize("impl", ["xla", "xla_tile"])
 def test_vmap_over_inputs_values_and_indices(impl):
-  layers = [sj.FixedFanIn.init(jax.random.key(i), 20, 11, 5, index_dtype=jnp.int32)
+  layers = [sj.FixedFanIn.init(20, 11, 5, key=jax.random.key(i), index_dtype=jnp.int32)
             for i in range(3)]
   values = jnp.stack([layer.values for layer in layers])
   indices = jnp.stack([layer.indices for layer in layers])
@@ -201,7 +201,7 @@ def test_concrete_out_of_range_index_names_row(bad):
 
 
 def test_concrete_indices_closed_over_inside_jit():
-  layer = sj.FixedFanIn.init(jax.random.key(0), 16, 8, 3)
+  layer = sj.FixedFanIn.init(16, 8, 3, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 16))
   f = jax.jit(lambda x, v: sj.fixed_fanin_matmul(x, v, layer.indices))
   np.testing.assert_allclose(f(x, layer.values), x @ layer.to_dense(), rtol=1e-5, atol=1e-6)
@@ -230,7 +230,7 @@ def test_tile_path_inside_shard_map():
   # Rows split over 8 devices: each shard's tile matmul and gradients equal one device's.
   from jax.sharding import PartitionSpec as P
   mesh = sj.xmc.mesh_from_spec("labels:8")
-  layer = sj.FixedFanIn.init(jax.random.key(0), 24, 40, 5)
+  layer = sj.FixedFanIn.init(24, 40, 5, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (6, 24))
 
   def loss(x, values, indices):

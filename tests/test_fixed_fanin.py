@@ -16,7 +16,7 @@ from conftest import dense_reference, rel_err
 @pytest.mark.parametrize("n_in, n_out, k", [(10, 500, 1), (10, 500, 4), (10, 500, 6),
                                             (10, 50, 10), (768, 300, 64), (70_000, 20, 3)])
 def test_random_topology_rows_distinct_sorted_in_range(n_in, n_out, k):
-  idx = np.asarray(sj.random_topology(jax.random.key(0), n_in, n_out, k)).astype(np.int64)
+  idx = np.asarray(sj.random_topology(n_in, n_out, k, key=jax.random.key(0))).astype(np.int64)
   assert idx.shape == (n_out, k)
   assert np.all(np.diff(idx, axis=1) > 0)  # sorted and distinct
   assert idx.min() >= 0 and idx.max() < n_in
@@ -25,7 +25,7 @@ def test_random_topology_rows_distinct_sorted_in_range(n_in, n_out, k):
 @pytest.mark.parametrize("k", [2, 4])  # 2 uses the resampling path, 4 the dense draw
 def test_random_topology_uniform_over_subsets(k):
   n_in, n_out = 6, 60_000
-  idx = np.asarray(sj.random_topology(jax.random.key(3), n_in, n_out, k))
+  idx = np.asarray(sj.random_topology(n_in, n_out, k, key=jax.random.key(3)))
   subsets = list(itertools.combinations(range(n_in), k))
   code = {s: i for i, s in enumerate(subsets)}
   counts = np.bincount([code[tuple(r)] for r in idx.tolist()], minlength=len(subsets))
@@ -36,15 +36,15 @@ def test_random_topology_uniform_over_subsets(k):
 
 
 def test_random_topology_deterministic_per_key():
-  a = sj.random_topology(jax.random.key(5), 100, 1000, 20)
-  b = sj.random_topology(jax.random.key(5), 100, 1000, 20)
-  c = sj.random_topology(jax.random.key(6), 100, 1000, 20)
+  a = sj.random_topology(100, 1000, 20, key=jax.random.key(5))
+  b = sj.random_topology(100, 1000, 20, key=jax.random.key(5))
+  c = sj.random_topology(100, 1000, 20, key=jax.random.key(6))
   assert np.array_equal(a, b)
   assert not np.array_equal(a, c)
 
 
 def test_init_dtypes_shapes_and_scale():
-  layer = sj.FixedFanIn.init(jax.random.key(0), 768, 2000, 64)
+  layer = sj.FixedFanIn.init(768, 2000, 64, key=jax.random.key(0))
   assert layer.values.shape == layer.indices.shape == (2000, 64)
   assert layer.indices.dtype == jnp.uint16 and layer.values.dtype == jnp.float32
   assert layer.bias.shape == (2000,) and not np.any(layer.bias)
@@ -52,19 +52,19 @@ def test_init_dtypes_shapes_and_scale():
   assert np.abs(layer.values).max() <= bound
   assert np.std(layer.values) == pytest.approx(bound / np.sqrt(3), rel=0.02)
   assert layer.density == 64 / 768
-  assert sj.FixedFanIn.init(jax.random.key(0), 70_000, 4, 2).indices.dtype == jnp.int32
-  no_bias = sj.FixedFanIn.init(jax.random.key(0), 8, 4, 2, bias=False, dtype=jnp.bfloat16)
+  assert sj.FixedFanIn.init(70_000, 4, 2, key=jax.random.key(0)).indices.dtype == jnp.int32
+  no_bias = sj.FixedFanIn.init(8, 4, 2, key=jax.random.key(0), bias=False, dtype=jnp.bfloat16)
   assert no_bias.bias is None and no_bias.values.dtype == jnp.bfloat16
 
 
 def test_init_same_key_same_bits():
-  a = sj.FixedFanIn.init(jax.random.key(1), 50, 40, 7)
-  b = sj.FixedFanIn.init(jax.random.key(1), 50, 40, 7)
+  a = sj.FixedFanIn.init(50, 40, 7, key=jax.random.key(1))
+  b = sj.FixedFanIn.init(50, 40, 7, key=jax.random.key(1))
   assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_call_adds_bias_and_matches_dense():
-  layer = sj.FixedFanIn.init(jax.random.key(2), 30, 20, 5)
+  layer = sj.FixedFanIn.init(30, 20, 5, key=jax.random.key(2))
   layer = layer.replace(bias=jax.random.normal(jax.random.key(3), (20,)))
   x = jax.random.normal(jax.random.key(4), (3, 2, 30))
   assert rel_err(layer(x), dense_reference(x, layer)) < 1e-5
@@ -95,7 +95,7 @@ def test_from_dense_carries_bias_and_index_dtype():
 
 
 def test_pytree_roundtrip_and_grad_wrt_float_leaves():
-  layer = sj.FixedFanIn.init(jax.random.key(0), 12, 7, 3)
+  layer = sj.FixedFanIn.init(12, 7, 3, key=jax.random.key(0))
   leaves, treedef = jax.tree.flatten(layer)
   assert len(leaves) == 3
   rebuilt = jax.tree.unflatten(treedef, leaves)
@@ -143,7 +143,7 @@ def test_constructor_rejects_bad_input(change, match):
 ])
 def test_init_rejects_bad_sizes(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sj.FixedFanIn.init(jax.random.key(0), *args, **kwargs)
+    sj.FixedFanIn.init(*args, key=jax.random.key(0), **kwargs)
 
 
 def test_from_dense_rejects_nan_and_bad_shapes():
@@ -178,7 +178,7 @@ def _corrupt(layer, row, col, value):
 @pytest.mark.parametrize("value, match", [(9, r"out of range \[0, 8\) in row 3"),
                                           (None, "row 3 repeats")])
 def test_checkify_check_names_row(value, match):
-  layer = sj.FixedFanIn.init(jax.random.key(0), 8, 5, 3, index_dtype=jnp.int32)
+  layer = sj.FixedFanIn.init(8, 5, 3, key=jax.random.key(0), index_dtype=jnp.int32)
   value = layer.indices[3, 0] if value is None else value
   bad = _corrupt(layer, 3, 1, value)
   checked = checkify.checkify(jax.jit(lambda layer, x: (sj.check_fixed_fanin(layer), layer(x))[1]))

@@ -102,7 +102,7 @@ def test_interpret_mode_poisons_unwritten_outputs():
 
 
 def test_dispatch_interpret_equals_xla_with_gradients(monkeypatch):
-  layer = sj.FixedFanIn.init(jax.random.key(0), 40, 50, 6)
+  layer = sj.FixedFanIn.init(40, 50, 6, key=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (3, 7, 40))  # leading dims are flattened
 
   def loss(values, x, impl):

@@ -58,7 +58,7 @@ def test_mask_kernel_equals_nm_prune(n, m, method, dtype, shape, axis):
   out = nm.nm_prune_kernel(x, _key_data(key), m=m, method=method, axis=axis,
                            interpret=_INTERPRET, tuning=_SMALL_MASK)
   assert out.shape == x.shape and out.dtype == x.dtype
-  ref = sj.nm_prune(x, key, n=n, m=m, method=method, axis=axis)
+  ref = sj.nm_prune(x, key=key, n=n, m=m, method=method, axis=axis)
   _assert_same_pruning(out, ref, method, dtype)
 
 
@@ -95,7 +95,7 @@ def test_fused_weight_grad_matches_float64_reference(n, m, method, dtype, tokens
   dw = nm.pruned_weight_grad(x, g, _key_data(key), m=m, method=method, interpret=_INTERPRET,
                              tuning=_SMALL_DW._replace(splits=splits))
   assert dw.shape == (ins, outs) and dw.dtype == jnp.float32
-  pruned = np.asarray(sj.nm_prune(g, key, n=n, m=m, method=method, axis=0), np.float64)
+  pruned = np.asarray(sj.nm_prune(g, key=key, n=n, m=m, method=method, axis=0), np.float64)
   ref = np.asarray(x, np.float64).T @ pruned
   err = np.linalg.norm(np.asarray(dw, np.float64) - ref) / max(np.linalg.norm(ref), 1e-30)
   assert np.isfinite(np.asarray(dw)).all() and err < (1e-5 if dtype == jnp.float32 else 1e-2), (
@@ -109,7 +109,7 @@ def test_dispatch_prune_grad_and_pruned_linear(monkeypatch):
   target = jax.random.normal(k[2], (3, 8, 20))
 
   def loss(w, x, impl, method):
-    y = sj.prune_grad(x @ w, k[3], n=2, m=4, method=method, axis=1, impl=impl)
+    y = sj.prune_grad(x @ w, key=k[3], n=2, m=4, method=method, axis=1, impl=impl)
     return jnp.sum(jnp.sin(y) * target)
 
   for method in ("mvue", "greedy"):  # greedy has no kernel: every impl takes the XLA path
@@ -118,7 +118,7 @@ def test_dispatch_prune_grad_and_pruned_linear(monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
   def linear_loss(w, x, impl):
-    return jnp.sum(jnp.sin(sj.pruned_linear(x, w, k[3], n=2, m=4, method="mvue", impl=impl)) * target)
+    return jnp.sum(jnp.sin(sj.pruned_linear(x, w, key=k[3], n=2, m=4, method="mvue", impl=impl)) * target)
 
   grads = {impl: jax.grad(linear_loss, argnums=(0, 1))(w, x, impl) for impl in ("xla", _IMPL)}
   for a, b in zip(grads[_IMPL], grads["xla"]):
@@ -133,8 +133,8 @@ def test_dispatch_prune_grad_and_pruned_linear(monkeypatch):
 def test_pruned_linear_errors_name_the_problem():
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="kernel"):
-    sj.pruned_linear(jnp.ones((8, 3)), jnp.ones((4, 2)), key, n=2, m=4, method="mvue")
+    sj.pruned_linear(jnp.ones((8, 3)), jnp.ones((4, 2)), key=key, n=2, m=4, method="mvue")
   with pytest.raises(ValueError, match="divisible by 4"):
-    sj.pruned_linear(jnp.ones((6, 3)), jnp.ones((3, 2)), key, n=2, m=4, method="mvue")
+    sj.pruned_linear(jnp.ones((6, 3)), jnp.ones((3, 2)), key=key, n=2, m=4, method="mvue")
   with pytest.raises(ValueError, match="PRNG key"):
-    sj.pruned_linear(jnp.ones((8, 3)), jnp.ones((3, 2)), None, n=2, m=4, method="mvue")
+    sj.pruned_linear(jnp.ones((8, 3)), jnp.ones((3, 2)), key=None, n=2, m=4, method="mvue")

@@ -1,4 +1,4 @@
-"""MaskedLinear: same maths as FixedFanIn with the same topology, masked gradients."""
+"""MaskedDense: same maths as FixedFanIn with the same topology, masked gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,8 @@ from conftest import rel_err
 
 def test_init_matches_fixed_fanin_with_same_key():
   key = jax.random.key(7)
-  sparse = sj.FixedFanIn.init(key, 24, 16, 5)
-  masked = sj.MaskedLinear.init(key, 24, 16, 5)
+  sparse = sj.FixedFanIn.init(24, 16, 5, key=key)
+  masked = sj.MaskedDense.init(24, 16, 5, key=key)
   np.testing.assert_array_equal(masked.weight, sparse.to_dense())
   np.testing.assert_array_equal(masked.mask.sum(axis=0), np.full(16, 5))
   assert float(masked.density) == pytest.approx(5 / 24)
@@ -22,8 +22,8 @@ def test_init_matches_fixed_fanin_with_same_key():
 
 def test_weight_gradient_is_zero_off_mask_and_matches_sparse():
   key = jax.random.key(1)
-  sparse = sj.FixedFanIn.init(key, 20, 9, 4)
-  masked = sj.MaskedLinear.init(key, 20, 9, 4)
+  sparse = sj.FixedFanIn.init(20, 9, 4, key=key)
+  masked = sj.MaskedDense.init(20, 9, 4, key=key)
   # Nonzero off-mask weights must neither leak into the output nor receive gradient.
   masked = jax.tree_util.tree_unflatten(
       jax.tree.structure(masked), [masked.weight + 5.0 * ~masked.mask, masked.mask, masked.bias])
@@ -49,10 +49,10 @@ def test_weight_gradient_is_zero_off_mask_and_matches_sparse():
 ])
 def test_rejects_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sj.MaskedLinear(**kwargs)
+    sj.MaskedDense(**kwargs)
 
 
 def test_call_rejects_wrong_input_size():
-  layer = sj.MaskedLinear.init(jax.random.key(0), 6, 3, 2)
+  layer = sj.MaskedDense.init(6, 3, 2, key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 6\)"):
     layer(jnp.ones((2, 7)))

@@ -143,7 +143,7 @@ def test_monte_carlo_unbiased_and_greedy_rejected(n, m, method):
   size, draws = 4096, 3000
   x = (rng.lognormal(0, 1.5, size) * rng.choice([-1, 1], size)).astype(np.float32)
   keys = jax.random.split(jax.random.key(11), draws)
-  prune = jax.jit(jax.vmap(lambda k: sj.nm_prune(jnp.asarray(x), k, n=n, m=m, method=method)))
+  prune = jax.jit(jax.vmap(lambda k: sj.nm_prune(jnp.asarray(x), key=k, n=n, m=m, method=method)))
   samples = np.asarray(prune(keys), np.float64)
   bound = stats.norm.isf(1e-3 / (2 * size))  # Bonferroni over all entries, family alpha 1e-3
   x64 = x.astype(np.float64)
@@ -167,7 +167,7 @@ def test_structure_exact_count_values_and_zero_groups(n, m, method, dtype):
   x[:, :m] = 0  # an all-zero group in every row
   x[0, m:2 * m] = [0] * (m - 1) + [3.0]  # a group with one non-zero
   x = jnp.asarray(x, dtype)
-  out = sj.nm_prune(x, jax.random.key(0), n=n, m=m, method=method)
+  out = sj.nm_prune(x, key=jax.random.key(0), n=n, m=m, method=method)
   assert out.dtype == dtype and out.shape == x.shape
   out64, x64 = np.asarray(out, np.float64), np.asarray(x, np.float64)
   assert np.isfinite(out64).all()
@@ -180,9 +180,9 @@ def test_structure_exact_count_values_and_zero_groups(n, m, method, dtype):
       p = _mvue_probabilities(g, n)
       np.testing.assert_allclose(k[kept], g[kept] / p[kept], rtol=1e-2 if dtype == jnp.bfloat16
                                  else 1e-5)
-  again = sj.nm_prune(x, jax.random.key(0), n=n, m=m, method=method)
+  again = sj.nm_prune(x, key=jax.random.key(0), n=n, m=m, method=method)
   assert np.array_equal(np.asarray(out, np.float32), np.asarray(again, np.float32))
-  other = sj.nm_prune(x, jax.random.key(1), n=n, m=m, method=method)
+  other = sj.nm_prune(x, key=jax.random.key(1), n=n, m=m, method=method)
   assert not np.array_equal(np.asarray(out, np.float32), np.asarray(other, np.float32))
 
 
@@ -192,22 +192,22 @@ def test_groups_draw_independent_uniforms_along_any_axis():
   draws, groups = 4000, 16
   x = jnp.ones((groups, 2))
   keys = jax.random.split(jax.random.key(5), draws)
-  out = np.asarray(jax.vmap(lambda k: sj.nm_prune(x, k, n=1, m=2, method="mvue"))(keys))
+  out = np.asarray(jax.vmap(lambda k: sj.nm_prune(x, key=k, n=1, m=2, method="mvue"))(keys))
   first = (out[:, :, 0] != 0).astype(np.float64)  # (draws, groups)
   assert abs(first.mean() - 0.5) < 0.02
   corr = np.corrcoef(first.T)[np.triu_indices(groups, 1)]
   assert np.abs(corr).max() < 5 / np.sqrt(draws)
   # Grouping along axis 0 prunes the transpose exactly like axis -1 prunes the array.
   y = jax.random.normal(jax.random.key(1), (8, 12))
-  a = sj.nm_prune(y, jax.random.key(3), n=2, m=4, method="mvue", axis=-1)
-  b = sj.nm_prune(y.T, jax.random.key(3), n=2, m=4, method="mvue", axis=0)
+  a = sj.nm_prune(y, key=jax.random.key(3), n=2, m=4, method="mvue", axis=-1)
+  b = sj.nm_prune(y.T, key=jax.random.key(3), n=2, m=4, method="mvue", axis=0)
   np.testing.assert_array_equal(a, b.T)
 
 
 def test_uniforms_are_a_function_of_key_and_group_index_only():
-  u = group_uniforms(jax.random.key(3), 1000, 2)
+  u = group_uniforms(1000, 2, key=jax.random.key(3))
   assert u.shape == (1000, 2) and float(u.min()) >= 0 and float(u.max()) < 1
-  np.testing.assert_array_equal(group_uniforms(jax.random.key(3), 10, 2), u[:10])
+  np.testing.assert_array_equal(group_uniforms(10, 2, key=jax.random.key(3)), u[:10])
   assert stats.kstest(np.asarray(u).ravel(), "uniform").pvalue > 1e-4
   assert abs(np.corrcoef(np.asarray(u).T)[0, 1]) < 0.15
 
@@ -217,7 +217,7 @@ def test_single_draw_groups_share_a_cipher_block_in_pairs():
   # (odd-count) group takes word 0 of its block.
   from jax.extend.random import threefry_2x32
   key = jax.random.key(11)
-  u = np.asarray(group_uniforms(key, 7, 1))[:, 0]
+  u = np.asarray(group_uniforms(7, 1, key=key))[:, 0]
   words = np.asarray(threefry_2x32(jax.random.key_data(key),
                                    jnp.concatenate([jnp.arange(4, dtype=jnp.uint32),
                                                     jnp.zeros(4, jnp.uint32)])))
@@ -235,26 +235,26 @@ def test_errors_name_the_problem():
   x = jnp.ones((4, 6))
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="divisible by 4"):
-    sj.nm_prune(x, key, n=2, m=4, method="mvue")
+    sj.nm_prune(x, key=key, n=2, m=4, method="mvue")
   with pytest.raises(ValueError, match="supports 1:2, 2:4, got 1:4"):
-    sj.nm_prune(jnp.ones((4, 8)), key, n=1, m=4, method="mvue")
+    sj.nm_prune(jnp.ones((4, 8)), key=key, n=1, m=4, method="mvue")
   with pytest.raises(ValueError, match="supports 2:4, got 1:2"):
-    sj.nm_prune(x, key, n=1, m=2, method="mvue_approx")
+    sj.nm_prune(x, key=key, n=1, m=2, method="mvue_approx")
   with pytest.raises(ValueError, match="method must be one of"):
-    sj.nm_prune(x, key, n=1, m=2, method="topk")
+    sj.nm_prune(x, key=key, n=1, m=2, method="topk")
   with pytest.raises(ValueError, match="pass a PRNG key"):
     sj.nm_prune(x, n=1, m=2, method="mvue")
   with pytest.raises(ValueError, match="non-finite"):
-    sj.nm_prune(x.at[1, 1].set(jnp.nan), key, n=1, m=2, method="mvue")
+    sj.nm_prune(x.at[1, 1].set(jnp.nan), key=key, n=1, m=2, method="mvue")
   with pytest.raises(ValueError, match="floating-point"):
-    sj.nm_prune(jnp.ones((4, 6), jnp.int32), key, n=1, m=2, method="mvue")
+    sj.nm_prune(jnp.ones((4, 6), jnp.int32), key=key, n=1, m=2, method="mvue")
   with pytest.raises(ValueError, match="divisible by 4"):  # at the call, not in the backward
-    sj.prune_grad(x, key, n=2, m=4, method="mvue", axis=1)
+    sj.prune_grad(x, key=key, n=2, m=4, method="mvue", axis=1)
 
 
 def _mlp_loss(params, x, y, key, n, m, method):
   """Two-layer MLP whose hidden pre-activation gradient is pruned along the batch axis."""
-  h = sj.prune_grad(x @ params["w1"], key, n=n, m=m, method=method, axis=0)
+  h = sj.prune_grad(x @ params["w1"], key=key, n=n, m=m, method=method, axis=0)
   pred = jnp.tanh(h) @ params["w2"]
   return jnp.mean((pred - y) ** 2)
 
@@ -280,13 +280,13 @@ def test_prune_grad_mean_over_keys_is_the_dense_gradient(n, m, method):
 
 def test_prune_weight_grad_prunes_only_the_weight_gradient():
   k = jax.random.split(jax.random.key(0), 3)
-  layer = sj.FixedFanIn.init(k[0], 12, 8, 4)
+  layer = sj.FixedFanIn.init(12, 8, 4, key=k[0])
   x = jax.random.normal(k[1], (4, 5, 12))  # 20 tokens
   target = jax.random.normal(k[2], (4, 5, 8))
 
   def loss(values, x, key):
     apply = lambda x, v: sj.fixed_fanin_matmul(x, v, layer.indices)
-    y = sj.prune_weight_grad(apply, x, values, key, n=2, m=4, method="mvue")
+    y = sj.prune_weight_grad(apply, x, values, key=key, n=2, m=4, method="mvue")
     return jnp.sum((y - target) ** 2)
 
   dense_loss = lambda v, x: jnp.sum((sj.fixed_fanin_matmul(x, v, layer.indices) - target) ** 2)
@@ -298,7 +298,7 @@ def test_prune_weight_grad_prunes_only_the_weight_gradient():
   np.testing.assert_allclose(dv.mean(0), dv_dense,
                              atol=float(5 * dv.std(0).max() / np.sqrt(len(dv))))
   y = sj.prune_weight_grad(lambda x, v: sj.fixed_fanin_matmul(x, v, layer.indices), x,
-                           layer.values, jax.random.key(0), n=2, m=4, method="mvue")
+                           layer.values, key=jax.random.key(0), n=2, m=4, method="mvue")
   np.testing.assert_array_equal(y, sj.fixed_fanin_matmul(x, layer.values, layer.indices))
 
 
@@ -312,7 +312,7 @@ def test_prune_weight_grad_traces_apply_once_and_closed_over_arrays_get_dense_gr
     def apply(x, w):
       traces.append(1)
       return x @ w + bias  # bias is closed over
-    y = sj.prune_weight_grad(apply, x, w, jax.random.key(1), n=2, m=4, method="mvue")
+    y = sj.prune_weight_grad(apply, x, w, key=jax.random.key(1), n=2, m=4, method="mvue")
     return jnp.sum(jnp.tanh(y))
 
   dense = jax.grad(lambda bias: jnp.sum(jnp.tanh(x @ w + bias)))(bias)
@@ -362,10 +362,12 @@ def test_nnx_modules_fresh_key_every_step_same_seed_same_run(weight_grad_only):
 
 def test_threefry_words_are_jax_threefry():
   from jax.extend.random import threefry_2x32
+
+  from sparsejax.kernels import threefry
   rng = np.random.default_rng()
   key = rng.integers(0, 2**32, 2, dtype=np.uint32)
   counters = rng.integers(0, 2**32, (2, 1000), dtype=np.uint32)
-  words = sj.mvue.threefry_words((key[0], key[1]), jnp.asarray(counters[0]),
-                                 jnp.asarray(counters[1]))
+  words = threefry.threefry_words((key[0], key[1]), jnp.asarray(counters[0]),
+                                  jnp.asarray(counters[1]))
   expected = threefry_2x32(jnp.asarray(key), jnp.asarray(counters.reshape(-1)))
   np.testing.assert_array_equal(np.concatenate(words), expected, err_msg=str(key))

@@ -32,7 +32,7 @@ def _train_steps(model, steps=3):
 def test_fixed_fanin_linear_matches_functional_layer():
   model = FixedFanInLinear(30, 12, 4, rngs=nnx.Rngs(0))
   # The module draws from rngs.params(): a fresh Rngs(0) gives the same first key.
-  functional = sj.FixedFanIn.init(nnx.Rngs(0).params(), 30, 12, 4)
+  functional = sj.FixedFanIn.init(30, 12, 4, key=nnx.Rngs(0).params())
   np.testing.assert_array_equal(model.indices[...], functional.indices)
   np.testing.assert_array_equal(model.values[...], functional.values)
   assert model.indices[...].dtype == jnp.uint16

@@ -33,7 +33,7 @@ def _classifier(kind, num_labels):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   bias = 0.5 * jax.random.normal(k3, (num_labels,))
   if kind == "fixed_fanin":
-    layer = sj.FixedFanIn.init(k1, D, num_labels, K)
+    layer = sj.FixedFanIn.init(D, num_labels, K, key=k1)
     values = jax.random.normal(k2, (num_labels, K))
     return xmc.fixed_fanin_logits, {"values": values, "indices": layer.indices, "bias": bias}
   return xmc.dense_logits, {"kernel_t": jax.random.normal(k1, (num_labels, D)) / np.sqrt(D),
@@ -238,8 +238,8 @@ def test_sharded_topk_equals_one_device_ties_included(spec, kind):
 @functools.cache
 def _sparse_params():
   keys = jax.random.split(jax.random.key(0), 4)
-  clf = sj.FixedFanIn.init(keys[0], 24, 40, 6)  # the redraw path (2K <= in)
-  small = sj.FixedFanIn.init(keys[1], 10, 16, 7, index_dtype=jnp.int32)  # dense draw (2K > in)
+  clf = sj.FixedFanIn.init(24, 40, 6, key=keys[0])  # the redraw path (2K <= in)
+  small = sj.FixedFanIn.init(10, 16, 7, key=keys[1], index_dtype=jnp.int32)  # dense draw (2K > in)
   return {"clf": {"values": jax.random.normal(keys[2], clf.values.shape),
                   "indices": clf.indices, "bias": clf.bias},
           "small": small.replace(values=jax.random.normal(keys[3], small.values.shape)),
@@ -317,10 +317,10 @@ def test_sharded_set_threshold_mode():
 @pytest.mark.parametrize("in_features, fan_in", [(24, 6), (10, 7)])  # redraw / dense draw
 def test_draws_depend_only_on_key_and_row(in_features, fan_in):
   key = jax.random.key(11)
-  whole = sj.random_topology(key, in_features, 40, fan_in)
-  np.testing.assert_array_equal(sj.random_topology(key, in_features, 10, fan_in), whole[:10])
+  whole = sj.random_topology(in_features, 40, fan_in, key=key)
+  np.testing.assert_array_equal(sj.random_topology(in_features, 10, fan_in, key=key), whole[:10])
   free = jax.random.bernoulli(jax.random.key(2), 0.5, whole.shape)
-  redrawn = np.asarray(sj.draw_columns(key, whole, free, in_features))
+  redrawn = np.asarray(sj.draw_columns(whole, free, in_features, key=key))
   for start in (0, 10, 20, 30):  # any block of rows, drawn at its global row offset
     block = fixed_fanin._draw_columns(key, whole[start:start + 10], free[start:start + 10],
                                       in_features, start, all_free=False)

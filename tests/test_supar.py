@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import sparsejax as sj
-from experiments import supar_coord_check
+from experiments.supar import coord_check
 from sparsejax import supar
 from sparsejax.supar import ParamSpec
 
@@ -47,7 +47,7 @@ def test_supar_with_density_one_is_mup():
       assert _p("supar").lr_multiplier(spec, optimizer) == _p("mup").lr_multiplier(spec, optimizer)
     assert _p("supar").init_std_of(spec) == _p("mup").init_std_of(spec)
   # A whole training run: identical bits.
-  runs = [supar_coord_check.run(parameterizations=(name,), widths=(256,), densities=(1.0,),
+  runs = [coord_check.run(parameterizations=(name,), widths=(256,), densities=(1.0,),
                                 steps=3) for name in ("supar", "mup")]
   assert [r["mean_abs"] for r in runs[0]] == [r["mean_abs"] for r in runs[1]]
 
@@ -87,7 +87,7 @@ def test_infer_specs_from_nnx_model_and_pytree():
       "norm/bias": ParamSpec("vector"), "norm/scale": ParamSpec("vector"),
       "sparse/bias": ParamSpec("vector"), "sparse/values": ParamSpec("hidden", 8 / 32)}
   key = jax.random.key(0)
-  params = {"a": sj.FixedFanIn.init(key, 64, 16, 4), "b": sj.MaskedLinear.init(key, 16, 8, 2),
+  params = {"a": sj.FixedFanIn.init(64, 16, 4, key=key), "b": sj.MaskedDense.init(16, 8, 2, key=key),
             "c": jnp.ones((16, 16)), "d": jnp.ones(3)}
   specs = supar.infer_specs(params, densities={"^c$": 0.5})
   assert specs == {"a/values": ParamSpec("hidden", 4 / 64), "a/bias": ParamSpec("vector"),
@@ -103,7 +103,7 @@ def test_infer_specs_from_nnx_model_and_pytree():
 def _tree():
   key = jax.random.key(0)
   return {"emb": jax.random.normal(key, (4, 8)),
-          "hid": sj.FixedFanIn.init(jax.random.key(1), 8, 8, 2),
+          "hid": sj.FixedFanIn.init(8, 8, 2, key=jax.random.key(1)),
           "out": jax.random.normal(jax.random.key(2), (8, 3))}
 
 
@@ -154,8 +154,8 @@ def test_scale_by_supar_in_adamw_chain_matches_per_group_learning_rates():
 
 def test_initialize_draws_each_role_with_its_std():
   p = _p("supar", width=256, base=64, s=0.1)
-  params = {"emb": jnp.zeros((64, 256)), "hid": sj.FixedFanIn.init(jax.random.key(0), 256, 512,
-                                                                    32),
+  params = {"emb": jnp.zeros((64, 256)), "hid": sj.FixedFanIn.init(256, 512,
+                                                                    32, key=jax.random.key(0)),
             "out": jnp.zeros((256, 64)), "gain": jnp.ones(256)}
   specs = supar.infer_specs(params, roles={"emb": "embedding", "out": "output"})
   new = supar.initialize(params, specs, p, key=jax.random.key(1))
@@ -171,12 +171,12 @@ def test_initialize_draws_each_role_with_its_std():
 
 def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
   densities = (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-  rows = supar_coord_check.run(parameterizations=("sp", "supar"), widths=(256,),
+  rows = coord_check.run(parameterizations=("sp", "supar"), widths=(256,),
                                densities=densities, seeds=3)
   worst = supar.coord_check_drift(rows, width=256, density=1)
   assert worst["supar"] < 1.2, worst
   assert worst["sp"] > 1.2, worst  # SP drifts: the same check can fail
-  rows = supar_coord_check.run(parameterizations=("sp", "supar"), widths=(128, 512),
+  rows = coord_check.run(parameterizations=("sp", "supar"), widths=(128, 512),
                                densities=(0.25,), seeds=3)
   worst = supar.coord_check_drift(rows, width=128, density=0.25)
   assert worst["supar"] < 1.2, worst
@@ -186,11 +186,11 @@ def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
 
 
 def test_coord_check_script_writes_csv_and_plot(tmp_path):
-  rows = supar_coord_check.run(widths=(64,), base_width=64, densities=(1, 0.25), steps=1,
+  rows = coord_check.run(widths=(64,), base_width=64, densities=(1, 0.25), steps=1,
                                layer="masked", batch=32)
   assert {r["layer"] for r in rows} == {"embed", "hidden_0", "hidden_1", "output"}
   assert len(rows) == 3 * 2 * 2 * 4  # parameterizations x densities x steps x layers
-  supar_coord_check.write_csv(rows, tmp_path / "c.csv")
-  supar_coord_check.plot(rows, tmp_path / "c.png")
+  coord_check.write_csv(rows, tmp_path / "c.csv")
+  coord_check.plot(rows, tmp_path / "c.png")
   assert (tmp_path / "c.csv").read_text().startswith("parameterization,width,density,seed,step")
   assert (tmp_path / "c.png").stat().st_size > 10_000

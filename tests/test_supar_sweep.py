@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import sparsejax as sj
-from experiments.byte_lm import ByteLM
+from experiments.common.byte_lm import ByteLM
 from experiments.supar import sweep
 from sparsejax._tree import path_name
 from sparsejax.supar import ParamSpec

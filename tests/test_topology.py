@@ -19,7 +19,7 @@ def _loss(params, x, y):
 
 def _setup(in_features, out, fan_in, index_dtype=None, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
-  layer = sj.FixedFanIn.init(keys[0], in_features, out, fan_in, index_dtype=index_dtype)
+  layer = sj.FixedFanIn.init(in_features, out, fan_in, key=keys[0], index_dtype=index_dtype)
   layer = layer.replace(values=jax.random.normal(keys[1], layer.values.shape))
   return layer
 
@@ -123,7 +123,7 @@ def test_random_regrowth_is_uniform_over_free_columns():
   # (10 of them: the 8 never used plus the 2 just pruned).
   indices = jnp.tile(jnp.array([[0, 3, 6, 9]], jnp.uint16), (30_000, 1))
   pruned = jnp.tile(jnp.array([[True, False, True, False]]), (30_000, 1))
-  new = np.asarray(sj.draw_columns(jax.random.key(0), indices, pruned, 12))
+  new = np.asarray(sj.draw_columns(indices, pruned, 12, key=jax.random.key(0)))
   assert (new[:, 1] == 3).all() and (new[:, 3] == 9).all()
   counts = np.bincount(new[:, [0, 2]].ravel(), minlength=12)
   assert counts[3] == counts[9] == 0
@@ -135,13 +135,13 @@ def test_random_regrowth_is_uniform_over_free_columns():
 def test_draw_columns_rejects_bad_input():
   indices, free = jnp.zeros((4, 3), jnp.int32), jnp.ones((4, 3), bool)
   with pytest.raises(ValueError, match="shape"):
-    sj.draw_columns(jax.random.key(0), indices, free[:, :2], 8)
+    sj.draw_columns(indices, free[:, :2], 8, key=jax.random.key(0))
   with pytest.raises(ValueError, match="bool"):
-    sj.draw_columns(jax.random.key(0), indices, free.astype(jnp.int32), 8)
+    sj.draw_columns(indices, free.astype(jnp.int32), 8, key=jax.random.key(0))
   with pytest.raises(ValueError, match="exceeds in_features"):
-    sj.draw_columns(jax.random.key(0), indices, free, 2)
+    sj.draw_columns(indices, free, 2, key=jax.random.key(0))
   with pytest.raises(ValueError, match="integer"):
-    sj.draw_columns(jax.random.key(0), indices.astype(jnp.float32), free, 8)
+    sj.draw_columns(indices.astype(jnp.float32), free, 8, key=jax.random.key(0))
 
 
 def test_rigl_regrowth_matches_dense_gradient():
@@ -564,7 +564,7 @@ def test_draw_columns_equals_redrawing_all_rows_every_round(monkeypatch, out, fa
   # Small compaction levels, so rows are gathered level after level (1001 -> 250 -> ...).
   monkeypatch.setattr(sj.fixed_fanin, "_COMPACT_MIN_ROWS", 4)
   keys = jax.random.split(jax.random.key(out), 3)
-  indices = sj.random_topology(keys[0], in_features, out, fan_in, jnp.int32)
+  indices = sj.random_topology(in_features, out, fan_in, jnp.int32, key=keys[0])
   free = jax.random.bernoulli(keys[1], 0.4, (out, fan_in))
   new, rounds = sj.fixed_fanin._draw_columns(keys[2], indices, free, in_features, 17,
                                              all_free=False, with_rounds=True)

@@ -23,7 +23,7 @@ def _classifier(kind, key=0):
   k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
   bias = 0.5 * jax.random.normal(k3, (L,))
   if kind == "fixed_fanin":
-    layer = sj.FixedFanIn.init(k1, D, L, K)
+    layer = sj.FixedFanIn.init(D, L, K, key=k1)
     return xmc.fixed_fanin_logits, {"values": layer.values, "bias": bias}, layer.indices
   kernel_t = jax.random.normal(k1, (L, D)) / np.sqrt(D)
   return xmc.dense_logits, {"kernel_t": kernel_t, "bias": bias}, None
@@ -74,7 +74,7 @@ def test_chunked_loss_and_grads_equal_the_full_logits(kind, loss, chunk_size):
 
 
 def test_a_fixed_fanin_layer_is_a_classifier_and_its_indices_pass_through():
-  layer = sj.FixedFanIn.init(jax.random.key(1), D, L, K).replace(bias=jnp.ones(L))
+  layer = sj.FixedFanIn.init(D, L, K, key=jax.random.key(1)).replace(bias=jnp.ones(L))
   h = jax.random.normal(jax.random.key(2), (B, D))
   loss = lambda layer: xmc.chunked_loss(xmc.fixed_fanin_logits, layer, h, LABEL_IDS, LABEL_MASK,
                                         chunk_size=8)
@@ -122,7 +122,7 @@ def test_chunked_topk_orders_special_floats_like_lax_top_k():
 
 
 def test_chunked_topk_on_a_fixed_fanin_layer():
-  layer = sj.FixedFanIn.init(jax.random.key(3), D, L, K)
+  layer = sj.FixedFanIn.init(D, L, K, key=jax.random.key(3))
   h = jax.random.normal(jax.random.key(4), (B, D))
   _, ids = xmc.chunked_topk(xmc.fixed_fanin_logits, layer, h, k=5, chunk_size=10)
   np.testing.assert_array_equal(ids, lax.top_k(layer(h), 5)[1])
@@ -193,7 +193,7 @@ def _topk(params, indices, h, label_ids, label_mask):
 
 
 def _temp_growth(fn):
-  small, large = (xmc.compiled_memory(fn, *_shapes(n)) for n in (SMALL_L, LARGE_L))
+  small, large = (sj.memory.compiled_memory(fn, *_shapes(n)) for n in (SMALL_L, LARGE_L))
   return large["temp_bytes"] - small["temp_bytes"], large
 
 
@@ -257,7 +257,7 @@ RD = 24
 
 def _rigl_layer(bias=True, key=0):
   k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
-  layer = sj.FixedFanIn.init(k1, RD, L, K, bias=bias)
+  layer = sj.FixedFanIn.init(RD, L, K, key=k1, bias=bias)
   layer = layer.replace(values=jax.random.normal(k2, (L, K)))
   return layer.replace(bias=0.5 * jax.random.normal(k3, (L,))) if bias else layer
 

@@ -1,7 +1,7 @@
 """SμPar reproduction: does the optimal learning rate transfer across sparsity?
 
 ``python -m experiments.supar.sweep`` trains the byte-level GPT of
-``experiments.byte_lm`` on the Python standard library's sources
+``experiments.common.byte_lm`` on the Python standard library's sources
 (``sparsejax.data.stdlib_byte_corpus``, validation split by file):
 
 1. Tunes the base LR and the input multiplier ``alpha_in`` once on a small
@@ -43,8 +43,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
-from experiments import supar_coord_check
-from experiments.byte_lm import ByteLM, LinearFactory, dense_linear
+from experiments.supar import coord_check
+from experiments.common.byte_lm import ByteLM, LinearFactory, dense_linear
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
 
@@ -577,14 +577,14 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
                   seconds: float) -> str:
   """Writes runs.csv, the plots, the coordinate check and sweep.md; returns sweep.md's text."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  supar_coord_check.write_csv(result.rows, out_dir / "runs.csv")
+  coord_check.write_csv(result.rows, out_dir / "runs.csv")
   table = optimum_table(result.rows)
   plot_lr_sweep(result.rows, result.base_lr).savefig(out_dir / "lr_sweep.png", dpi=120)
   plot_best_vs_density(table).savefig(out_dir / "best_vs_density.png", dpi=120)
   coord = []
   if result.coord_rows:
-    supar_coord_check.write_csv(result.coord_rows, out_dir / "coord_check.csv")
-    supar_coord_check.plot(result.coord_rows, out_dir / "coord_check.png")
+    coord_check.write_csv(result.coord_rows, out_dir / "coord_check.csv")
+    coord_check.plot(result.coord_rows, out_dir / "coord_check.png")
     drift = supar.coord_check_drift(result.coord_rows, width=config.width,
                                     density=max(config.densities),
                                     steps=range(1, config.coord_steps + 1))

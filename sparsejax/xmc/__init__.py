@@ -2,7 +2,7 @@
 
 from sparsejax.xmc.clusters import balanced_kmeans, cluster_targets, label_centroids
 from sparsejax.xmc.label_chunks import (LOSSES, chunked_loss, chunked_loss_and_candidates,
-                                        chunked_topk, compiled_memory, dense_logits,
+                                        chunked_topk, dense_logits,
                                         fixed_fanin_logits)
 from sparsejax.xmc.metrics import RankingMetrics, format_table, inverse_propensity, ranking_metrics
 from sparsejax.xmc.sharded import (mesh_from_spec, pad_labels, padded_num_labels,
@@ -17,7 +17,6 @@ __all__ = [
     "chunked_loss_and_candidates",
     "chunked_topk",
     "cluster_targets",
-    "compiled_memory",
     "dense_logits",
     "fixed_fanin_logits",
     "format_table",

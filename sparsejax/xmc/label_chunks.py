@@ -46,13 +46,13 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
-from sparsejax._vma import varying_like
+from sparsejax.kernels.vma import varying_like
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.topology import RegrowthCandidates
 
 __all__ = ["LOSSES", "chunked_loss", "chunked_loss_and_candidates", "chunked_topk",
-           "compiled_memory", "dense_logits", "fixed_fanin_logits"]
+           "dense_logits", "fixed_fanin_logits"]
 
 LOSSES = ("squared_hinge", "bce")
 
@@ -230,34 +230,6 @@ def chunked_topk(logits_fn: Callable, classifier, h: jax.Array, *, k: int,
     raise ValueError(f"k must be an integer in [1, L={num_labels}], got {k!r}")
   _check_features(h)
   return _chunked_topk(logits_fn, classifier, h, k=int(k), chunk_size=size)
-
-
-def compiled_memory(fn: Callable, *args) -> dict[str, int]:
-  """Memory that XLA plans for ``jax.jit(fn)(*args)``, from compiling it only.
-
-  Nothing runs: ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Static
-  arguments go in through ``functools.partial``.
-
-  Arguments:
-    fn: the function to compile.
-    *args: its arguments (arrays or shape/dtype structs).
-
-  Returns:
-    ``{"temp_bytes", "argument_bytes", "output_bytes", "alias_bytes",
-    "total_bytes"}``, where ``temp_bytes`` is the scratch memory of the
-    executable (intermediates) and ``total_bytes = argument + output + temp -
-    alias`` (outputs that reuse argument buffers are counted once).
-  """
-  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-  if stats is None:
-    raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
-  out = {"temp_bytes": int(stats.temp_size_in_bytes),
-         "argument_bytes": int(stats.argument_size_in_bytes),
-         "output_bytes": int(stats.output_size_in_bytes),
-         "alias_bytes": int(stats.alias_size_in_bytes)}
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                        - out["alias_bytes"])
-  return out
 
 
 def _check_classifier(classifier) -> int:

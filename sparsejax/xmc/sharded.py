@@ -29,7 +29,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sparsejax._vma import varying_like
+from sparsejax.kernels.vma import varying_like
 from sparsejax.topology import RegrowthCandidates
 from sparsejax.xmc.label_chunks import (LOSSES, _check_classifier, _check_features,
                                         _check_fixed_fanin_classifier, _check_labels, _chunk,

@@ -1,7 +1,7 @@
 """Training with N:M-pruned neural gradients: dense vs MVUE vs greedy.
 
-``python -m experiments.mvue_grad`` trains the byte-level GPT of
-``experiments.byte_lm`` on the Python standard library's sources
+``python -m experiments.mvue.train`` trains the byte-level GPT of
+``experiments.common.byte_lm`` on the Python standard library's sources
 (``sparsejax.data.stdlib_byte_corpus``) once per method:
 
   dense, mvue 1:2, mvue 2:4, mvue_approx 2:4, greedy 1:2, greedy 2:4
@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
-from experiments.byte_lm import ByteLM, dense_linear
+from experiments.common.byte_lm import ByteLM, dense_linear
 from sparsejax.data import sample_windows, stdlib_byte_corpus
 
 METHODS = ("dense", "mvue:1:2", "mvue:2:4", "mvue_approx:2:4", "greedy:1:2", "greedy:2:4")
@@ -78,7 +78,7 @@ def parse_method(method: str) -> str:
   parts = method.split(":")
   if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
     raise ValueError(f"method must be 'dense' or 'name:n:m' (e.g. mvue:2:4), got {method!r}")
-  sj.nm_prune(jnp.ones((int(parts[2]),)), jax.random.key(0), n=int(parts[1]), m=int(parts[2]),
+  sj.nm_prune(jnp.ones((int(parts[2]),)), key=jax.random.key(0), n=int(parts[1]), m=int(parts[2]),
               method=parts[0])  # raises for unsupported combinations
   return method
 
@@ -220,7 +220,7 @@ def main(argv):
   config = Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)})
   start = time.time()
   rows = run(config, FLAGS.methods)
-  command = "python -m experiments.mvue_grad " + " ".join(sys.argv[1:])
+  command = "python -m experiments.mvue.train " + " ".join(sys.argv[1:])
   print(write_outputs(rows, config, pathlib.Path(FLAGS.output_dir), command.strip(),
                       time.time() - start))
 

@@ -1,6 +1,6 @@
 """SμPar coordinate check on a sparse MLP built with sparsejax layers.
 
-``python -m experiments.supar_coord_check`` trains, for each parameterization
+``python -m experiments.supar.coord_check`` trains, for each parameterization
 (SP, μP, SμPar), width and hidden density, a few Adam steps of an MLP
 
   x -> embedding (dense, alpha_in) -> [sparse hidden -> ReLU] x depth -> output (alpha_out / m_d)
@@ -50,7 +50,7 @@ def build_mlp(p: sj.SuPar, density: float, *, key: jax.Array, in_dim: int = 64,
   keys = jax.random.split(key, depth + 1)
   params, masks = {"embed": jnp.zeros((in_dim, width))}, {}
   for i in range(depth):
-    hidden = sj.FixedFanIn.init(keys[i], width, width, fan_in)
+    hidden = sj.FixedFanIn.init(width, width, fan_in, key=keys[i])
     if layer == "masked":
       masks[f"hidden_{i}"] = hidden.to_mask()
       params[f"hidden_{i}"] = {"weight": hidden.to_dense(), "bias": hidden.bias}

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from experiments import mvue_grad
+from experiments.mvue import train as mvue_grad
 
 _TINY = mvue_grad.Config(width=32, depth=1, heads=2, context=32, batch=16, steps=30,
                          log_every=10, warmup=5, train_bytes=200_000, val_bytes=50_000,
@@ -18,13 +18,13 @@ def test_tiny_run_writes_curves_plot_and_table(tmp_path):
       (m, s) for m in ("dense", "mvue:2:4", "greedy:1:2") for s in (10, 20, 30)]
   dense = [r["train_loss"] for r in rows if r["method"] == "dense"]
   assert dense[-1] < dense[0] < np.log(256) + 0.5  # it learns
-  table = mvue_grad.write_outputs(rows, _TINY, tmp_path, "python -m experiments.mvue_grad",
+  table = mvue_grad.write_outputs(rows, _TINY, tmp_path, "python -m experiments.mvue.train",
                                   1.0)
   assert "| mvue:2:4 | 1 |" in table and "+0.0000" in table
   with open(tmp_path / "curves.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   assert (tmp_path / "curves.png").stat().st_size > 10_000
-  assert "Command: `python -m experiments.mvue_grad`" in (tmp_path / "RESULTS.md").read_text()
+  assert "Command: `python -m experiments.mvue.train`" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_same_seed_same_curve_and_pruning_changes_it():

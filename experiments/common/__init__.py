@@ -1,0 +1,1 @@
+"""Pieces the experiments share: the byte-level language model, Config-to-flags."""
