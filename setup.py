@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "sparsejax" / "__init__.py").read_text())[1]
@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The top-level kernels/ folder ships as the sub-package sparsejax.kernels.
-    packages=["sparsejax", "sparsejax.data", "sparsejax.xmc", "sparsejax.kernels"],
+    packages=[*find_packages(include=["sparsejax", "sparsejax.*"]), "sparsejax.kernels"],
     package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels"},
     install_requires=[
         "jax>=0.10",

@@ -38,6 +38,7 @@ try:
 except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
   import _report
 from sparsejax import FixedFanIn
+from sparsejax.memory import compiled_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("outs", ["10000", "100000", "1000000", "3000000"], "Output sizes.")
@@ -128,9 +129,8 @@ def compile_abstract(step, init):
   """
   abstract_args = jax.eval_shape(init, jax.random.key(0))
   compiled = jax.jit(step).lower(*abstract_args).compile()
-  stats = compiled.memory_analysis()
-  memory = Memory(stats.argument_size_in_bytes, stats.temp_size_in_bytes,
-                  stats.output_size_in_bytes)
+  stats = compiled_bytes(compiled)
+  memory = Memory(stats["argument_bytes"], stats["temp_bytes"], stats["output_bytes"])
   return compiled, memory
 
 

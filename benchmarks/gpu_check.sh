@@ -22,10 +22,13 @@
 set -uo pipefail
 R=$PWD
 OUT=${OUT:-$R/gpu_out}; mkdir -p "$OUT"
-# The installed wheel has no sparsejax.kernels mapping (and the GPU image no package index to
-# install from): lay the package out as setup.py does.
-SRC=$(mktemp -d); cp -r sparsejax "$SRC/" && cp -r kernels "$SRC/sparsejax/kernels"
-export PYTHONPATH=$SRC:$R PYTHONUNBUFFERED=1
+# The package as `pip install .` lays it out (kernels/ as sparsejax.kernels), into a folder of
+# its own: the GPU image has no package index, so no build isolation and no dependencies.
+SITE=$(mktemp -d)
+python3 -m pip install -q --no-deps --no-build-isolation --target "$SITE" "$R" \
+  || { echo "pip install of $R failed" >&2; exit 1; }
+# $SITE first, so that its sparsejax, not the source tree's, is imported; $R for benchmarks/.
+export PYTHONPATH=$SITE:$R PYTHONUNBUFFERED=1
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version
   git -C "$R" rev-parse HEAD 2>/dev/null || echo "git: no repository here"

@@ -496,7 +496,7 @@ _NM = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx")]
 def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
   """Rows for the MVUE mask and the weight gradient; kernels only on GPU."""
   from sparsejax.kernels import nm
-  from sparsejax.mvue import _key_data
+  from sparsejax.mvue import key_data
   gpu = jax.default_backend() == "gpu"
   keys = [jax.random.key(40 + i) for i in range(2)]
   gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
@@ -508,9 +508,9 @@ def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
     xla_mask = jax.jit(lambda g, k, n=n, m=m, method=method: sj.nm_prune(
         g, key=k, n=n, m=m, method=method, axis=0))
     kernel_mask = jax.jit(lambda g, k, m=m, method=method: nm.nm_prune_kernel(
-        g, _key_data(k), m=m, method=method, axis=0))
+        g, key_data(k), m=m, method=method, axis=0))
     fused = jax.jit(lambda x, g, k, m=m, method=method: nm.pruned_weight_grad(
-        x, g, _key_data(k), m=m, method=method))
+        x, g, key_data(k), m=m, method=method))
     mask_bytes = 2 * tokens * out * item
     dw_bytes = tokens * (in_features + out) * item + in_features * out * 4
     mask_paths = {"xla": xla_mask} | ({"pallas": kernel_mask} if gpu else {})
@@ -546,8 +546,8 @@ def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
 def sweep_nm(tokens: int, in_features: int, out: int, dtype, repeats: int) -> str:
   """Times the 2:4 MVUE mask and fused dW kernels over launch settings (GPU)."""
   from sparsejax.kernels import nm
-  from sparsejax.mvue import _key_data
-  keys = [_key_data(jax.random.key(40 + i)) for i in range(2)]
+  from sparsejax.mvue import key_data
+  keys = [key_data(jax.random.key(40 + i)) for i in range(2)]
   gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
   xs = [jax.random.normal(jax.random.key(60 + i), (tokens, in_features), dtype) for i in range(2)]
   cases = [("mask", nm.MaskTuning(groups, warps, stages)) for groups in (256, 512, 1024)

@@ -3,9 +3,10 @@
 ``python benchmarks/set_memory.py [out] [fan_in] [in]`` compiles (does not run)
 ``optax.apply_updates(params, set_topology(adam).update(...))`` for a
 ``FixedFanIn`` layer with donated params and state, with
-``sparsejax.topology._REWIRE_BLOCK_ELEMENTS`` at its default and at "all rows in
-one block", and the same step under ``static_topology``, and prints XLA's planned
-temporary memory as a markdown table (pasted into BENCHMARKS.md).
+``sparsejax.rewiring._REWIRE_BLOCK_ELEMENTS`` (the CPU block size) at its default
+and at "all rows in one block", and the same step under ``static_topology``, and
+prints XLA's planned temporary memory (``sparsejax.memory.compiled_bytes``) as a
+markdown table (pasted into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import sparsejax as sj
-from sparsejax import topology
+from sparsejax import rewiring
 
 
 def step_temp_bytes(tx, params) -> int:
@@ -30,18 +31,19 @@ def step_temp_bytes(tx, params) -> int:
     return optax.apply_updates(params, updates), state
 
   compiled = jax.jit(step, donate_argnums=(1, 2)).lower(grads, tx.init(params), params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  return sj.memory.compiled_bytes(compiled)["temp_bytes"]
 
 
 def main(out: int = 500_000, fan_in: int = 32, in_features: int = 128) -> None:
   params = {"clf": sj.FixedFanIn.init(in_features, out, fan_in, key=jax.random.key(0))}
-  default = topology._REWIRE_BLOCK_ELEMENTS
+  default = rewiring._REWIRE_BLOCK_ELEMENTS
   rows = []
-  for label, block in (("SET, all rows in one block", 1 << 62), (f"SET, blocks of {default:,} slots", default)):
-    topology._REWIRE_BLOCK_ELEMENTS = block  # read when the step is traced
+  for label, block in (("SET, all rows in one block", 1 << 62),
+                       (f"SET, blocks of {default:,} slots", default)):
+    rewiring._REWIRE_BLOCK_ELEMENTS = block  # read when the step is traced
     tx = sj.set_topology(optax.adam(1e-3), key=jax.random.key(1), interval=10, end_step=100)
     rows.append((label, step_temp_bytes(tx, params)))
-  topology._REWIRE_BLOCK_ELEMENTS = default
+  rewiring._REWIRE_BLOCK_ELEMENTS = default
   rows.append(("static topology", step_temp_bytes(sj.static_topology(optax.adam(1e-3)), params)))
   print(f"Adam step of FixedFanIn(in={in_features}, out={out:,}, K={fan_in}), "
         f"{jax.devices()[0].platform}, jax {jax.__version__}:\n")

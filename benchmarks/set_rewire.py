@@ -4,9 +4,9 @@ For each layer ``(L rows, K, in)`` this times, under ``jit`` (a warm-up call
 first, then the median of ``--repeats`` calls, each to ``block_until_ready``):
 
 - ``prune_smallest``: the ``floor(0.3 K)`` smallest ``|w|`` of every row;
-- the regrowth draw, ``_draw_columns`` on all rows with those slots free (and
+- the regrowth draw, ``draw_columns`` on all rows with those slots free (and
   how many redraw rounds it took);
-- the whole ``_rewire_rows`` (prune + draw, block by block of rows), at the
+- the whole ``rewire_layer`` (prune + draw, block by block of rows), at the
   backend's block size and at each of ``--blocks``; every block size must give
   the same bits (checked);
 - a full ``set_topology(optax.adam(1e-3))`` update plus ``apply_updates`` on a
@@ -23,7 +23,6 @@ the repository root:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import pathlib
 import shlex
@@ -38,7 +37,7 @@ import optax
 from absl import app, flags
 
 import sparsejax as sj
-from sparsejax import fixed_fanin, topology
+from sparsejax import rewiring
 try:
   from benchmarks import _report
 except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
@@ -52,7 +51,7 @@ flags.DEFINE_list("fan_ins", ["64", "128"], "fan-ins K")
 flags.DEFINE_integer("in_features", 768, "input size")
 flags.DEFINE_float("fraction", 0.3, "pruned fraction of each row")
 flags.DEFINE_list("blocks", ["262144", "8388608", "33554432", "0"],
-                  "other slots per rewiring block to time _rewire_rows at (0: the whole layer)")
+                  "other slots per rewiring block to time rewire_layer at (0: the whole layer)")
 flags.DEFINE_integer("repeats", 5, "timed calls per case (median)")
 flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                     "BENCHMARKS.md to write the set_rewire section of ('' skips it)")
@@ -73,57 +72,42 @@ def time_ms(fn, *args, repeats: int) -> tuple[float, object]:
   return 1e3 * statistics.median(times), result
 
 
-@contextlib.contextmanager
-def block_elements(elements: int):
-  """Rewiring blocks of ``elements`` slots while tracing inside (``None``: the default)."""
-  default = topology._rewire_block_elements
-  if elements is not None:
-    topology._rewire_block_elements = lambda: elements
-  try:
-    yield
-  finally:
-    topology._rewire_block_elements = default
-
-
 def measure(labels: int, fan_in: int, in_features: int, fraction: float, blocks, repeats: int):
   """Rows ``(piece, slots per block, ms, note)`` of one layer."""
   keys = jax.random.split(jax.random.key(0), 3)
   layer = sj.FixedFanIn.init(in_features, labels, fan_in, key=keys[0])
   w = jax.random.normal(keys[1], (labels, fan_in))
-  layer = layer._unchecked(w, layer.indices, layer.bias, in_features)
-  default = topology._rewire_block_elements()
+  layer = layer.replace(values=w)
+  default = rewiring._rewire_block_elements()  # the backend's block size
   rows = []
 
   _log(f"L={labels:,} K={fan_in}: prune_smallest")
-  ms, free = time_ms(jax.jit(topology.prune_smallest), w, fraction, repeats=repeats)
+  ms, free = time_ms(jax.jit(rewiring.prune_smallest), w, fraction, repeats=repeats)
   rows.append(("prune_smallest", labels * fan_in, ms, ""))
 
   _log(f"L={labels:,} K={fan_in}: draw")
-  draw = jax.jit(lambda idx, free: fixed_fanin._draw_columns(
+  # draw_columns' implementation, which also counts its redraw rounds.
+  draw = jax.jit(lambda idx, free: rewiring._draw_columns(
       keys[2], idx, free, in_features, all_free=False, with_rounds=True))
   ms, (_, rounds) = time_ms(draw, layer.indices, free, repeats=repeats)
   rows.append(("regrowth draw", labels * fan_in, ms,
                f"{np.mean(free):.1%} free, {int(rounds)} redraw rounds"))
 
-  def rewire(idx, w):
-    select = lambda w: topology.prune_smallest(w, fraction)
-    regrow = lambda start, idx, pruned: fixed_fanin._draw_columns(
-        keys[2], idx, pruned, in_features, start, all_free=False)
-    return topology._rewire_rows(select, regrow, idx, w)
-
   reference = None
   for elements in [default] + [b or labels * fan_in for b in blocks if b != default]:
-    _log(f"L={labels:,} K={fan_in}: _rewire_rows, blocks of {elements:,} slots")
-    with block_elements(elements):
-      ms, (new, pruned) = time_ms(jax.jit(rewire), layer.indices, w, repeats=repeats)
+    _log(f"L={labels:,} K={fan_in}: rewire_layer, blocks of {elements:,} slots")
+    rewire = jax.jit(functools.partial(rewiring.rewire_layer, prune_fraction=fraction,
+                                       key=keys[2], in_features=in_features,
+                                       block_elements=elements))
+    ms, (new, pruned) = time_ms(rewire, layer.indices, w, repeats=repeats)
     new, pruned = np.asarray(new), np.asarray(pruned)
     if reference is None:
       reference = new, pruned
     elif not (np.array_equal(new, reference[0]) and np.array_equal(pruned, reference[1])):
       raise AssertionError(f"blocks of {elements} slots changed the topology")
     blocks_per_layer = -(-labels // max(1, min(labels, elements // fan_in)))
-    rows.append(("_rewire_rows", elements, ms,
-                 f"{blocks_per_layer} blocks" + (", backend default" if elements == default else "")))
+    note = f"{blocks_per_layer} blocks" + (", backend default" if elements == default else "")
+    rows.append(("rewire_layer", elements, ms, note))
 
   _log(f"L={labels:,} K={fan_in}: set_topology update")
   params = {"clf": layer}

@@ -1,12 +1,13 @@
 """Per-device memory of the sharded XMC train step: a 3M-label classifier on 1 to 8 devices.
 
 For each mesh (``--meshes``) this builds the XMC trainer's model and optimizer
-(``experiments.xmc.train.build``) as shapes only (``nnx.eval_shape``), gives
-every state leaf its sharding (``Layout.shardings``: the fixed fan-in
-classifier's values, indices, bias and their Adam moments split by label rows,
-the encoder replicated), and compiles, without running, the trainer's jitted
-train step (``make_train_step``: label-chunked loss per shard, backward, Adam,
-SET rewiring per shard). XLA's ``memory_analysis()`` of the compiled SPMD
+(``sparsejax.xmc.XMCModel``, padded for the label shards, and
+``make_optimizer``) as shapes only (``nnx.eval_shape``), gives every state leaf
+its sharding (``Layout.shardings``: the fixed fan-in classifier's values,
+indices, bias and their Adam moments split by label rows, the encoder
+replicated), and compiles, without running, the trainer's jitted train step
+(``sparsejax.xmc.make_train_step``: label-chunked loss per shard, backward,
+Adam, SET rewiring per shard). XLA's ``memory_analysis()`` of the compiled SPMD
 executable gives the bytes of one device. The table goes to stdout and to its
 own section of ``BENCHMARKS.md``.
 
@@ -40,11 +41,28 @@ try:
   from benchmarks import _report
 except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on the path
   import _report
+from sparsejax import memory, xmc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 START_MARKER, END_MARKER = _report.markers("sharded_memory")
 write_section = functools.partial(_report.write_section, name="sharded_memory")
 MIB = 2**20
+LOSS = "squared_hinge"
+# The trainer's default schedules and SET settings (they do not change the memory).
+OPTIMIZER = dict(total_steps=1000, encoder_lr=3e-3, classifier_lr=1e-2, warmup_steps=100,
+                 set_interval=50, set_fraction=0.3, set_end_step=660, regrowth="random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What one compiled step is of: the model's sizes, the batch and the mesh."""
+  num_labels: int
+  fan_in: int
+  classifier_in: int
+  batch: int
+  num_features: int
+  label_chunk: int
+  mesh: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,34 +97,45 @@ def _mesh_size(mesh: str) -> int:
   return size
 
 
-def measure(config, *, num_features: int, max_features: int, max_labels: int) -> Row:
-  """Compiles ``config``'s train step for abstract arguments and reads its memory analysis.
+def _build(setup: Setup, layout):
+  """The trainer's model (an embedding bag and one residual MLP block) and its optimizer."""
+  model = xmc.XMCModel(num_features=setup.num_features, num_labels=setup.num_labels,
+                       embed_dim=setup.classifier_in, hidden_layers=1, intermediate=0,
+                       fan_in=setup.fan_in, num_clusters=0,
+                       classifier_bias=xmc.initial_classifier_bias(LOSS, setup.num_labels),
+                       rngs=nnx.Rngs(0))
+  if layout is not None:
+    model.pad_labels(layout.num_padded)
+  return model, xmc.make_optimizer(model, key=jax.random.key(1), layout=layout, **OPTIMIZER)
+
+
+def measure(setup: Setup, *, max_features: int, max_labels: int) -> Row:
+  """Compiles ``setup``'s train step for abstract arguments and reads its memory analysis.
 
   Arguments:
-    config: the run's ``train.Config``; ``config.mesh`` picks the mesh over
-      the first devices ("" for the one-device path).
-    num_features: the feature vocabulary ``D`` (the embedding bag's rows).
+    setup: the sizes; ``setup.mesh`` picks the mesh over the first devices
+      ("" for the one-device path).
     max_features, max_labels: the padded widths of a batch's feature and label lists.
 
   Returns:
     The per-device ``Row``.
   """
-  from experiments.xmc import train  # after main() put the repository on the path
-  size = _mesh_size(config.mesh)
-  layout = (train.Layout.create(config.mesh, config.num_labels, jax.devices()[:size])
-            if config.mesh else None)
-  model, optimizer = nnx.eval_shape(lambda: train.build(config, num_features, config.num_labels,
-                                                        total_steps=1000, layout=layout))
+  size = _mesh_size(setup.mesh)
+  layout = (xmc.Layout.create(setup.mesh, setup.num_labels, jax.devices()[:size])
+            if setup.mesh else None)
+  model, optimizer = nnx.eval_shape(lambda: _build(setup, layout))
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(optimizer)
-  width = lambda n, dtype: jax.ShapeDtypeStruct((config.batch_size, n), dtype)
+  width = lambda n, dtype: jax.ShapeDtypeStruct((setup.batch, n), dtype)
   batch = {"feature_ids": width(max_features, jnp.int32),
            "feature_values": width(max_features, jnp.float32),
            "feature_mask": width(max_features, jnp.bool_),
            "label_ids": width(max_labels, jnp.int32), "label_mask": width(max_labels, jnp.bool_)}
   weight = jax.ShapeDtypeStruct((), jnp.float32)
+  step_args = dict(loss=LOSS, label_chunk=xmc.resolve_label_chunk(setup.label_chunk),
+                   compute_dtype=xmc.resolve_compute_dtype("auto"))  # the trainer's defaults
   if layout is None:
-    step = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0)
+    step = xmc.make_train_step(model_def, opt_def, optimizer.wrt, **step_args)
     shards = 1
   else:
     shardings = layout.shardings(model_state), layout.shardings(opt_state)
@@ -115,16 +144,15 @@ def measure(config, *, num_features: int, max_features: int, max_labels: int) ->
     batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.batch)
              for name, x in batch.items()}
     weight = jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated)
-    step = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0,
-                                 layout=layout, state_shardings=shardings)
+    step = xmc.make_train_step(model_def, opt_def, optimizer.wrt, **step_args, layout=layout,
+                               state_shardings=shardings)
     shards = layout.mesh.shape["labels"]
-  stats = step.lower(model_state, opt_state, batch, None, weight).compile().memory_analysis()
+  stats = memory.compiled_bytes(step.lower(model_state, opt_state, batch, None, weight).compile())
   classifier = [x for state in (model_state, opt_state)
                 for path, x in jax.tree_util.tree_leaves_with_path(state)
-                if any(getattr(key, "key", None) == "classifier" for key in path) and x.ndim]
-  return Row(config.mesh, size, shards, int(stats.argument_size_in_bytes),
-             int(stats.temp_size_in_bytes), int(stats.output_size_in_bytes),
-             int(stats.alias_size_in_bytes),
+                if xmc.in_classifier(path) and x.ndim]
+  return Row(setup.mesh, size, shards, stats["argument_bytes"], stats["temp_bytes"],
+             stats["output_bytes"], stats["alias_bytes"],
              sum(x.size * x.dtype.itemsize for x in classifier) // shards)
 
 
@@ -137,18 +165,14 @@ def run_benchmark(meshes: list[str], *, num_labels: int, fan_in: int, classifier
   and one residual MLP block; the classifier reads ``fan_in`` of its
   ``classifier_in`` outputs per label, rewired by SET.
   """
-  from experiments.xmc import train
   rows = []
   for mesh in meshes:
     if _mesh_size(mesh) > jax.device_count():
       print(f"mesh {mesh}: needs {_mesh_size(mesh)} devices, there are {jax.device_count()}; "
             "left out")
       continue
-    config = train.Config(num_labels=num_labels, num_features=num_features,
-                          embed_dim=classifier_in, fan_in=fan_in, batch_size=batch,
-                          label_chunk=label_chunk, mesh=mesh)
-    rows.append(measure(config, num_features=num_features, max_features=max_features,
-                        max_labels=max_labels))
+    setup = Setup(num_labels, fan_in, classifier_in, batch, num_features, label_chunk, mesh)
+    rows.append(measure(setup, max_features=max_features, max_labels=max_labels))
   return rows
 
 
@@ -176,7 +200,7 @@ def render_section(rows: list[Row], command: str, *, num_labels: int, fan_in: in
   return "\n".join([
       "## Sharded XMC train step: memory per device",
       "",
-      f"The XMC trainer's jitted train step (`experiments.xmc.train.make_train_step`: "
+      f"The XMC trainer's jitted train step (`sparsejax.xmc.make_train_step`: "
       f"encoder, squared hinge over all labels in chunks of {label_chunk:,} per label shard, "
       "backward, Adam, SET rewiring per shard; states donated) with a fixed fan-in classifier "
       f"of {num_labels:,} labels, K = {fan_in}, classifier input {classifier_in}, batch "
@@ -240,6 +264,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(ROOT))  # experiments/ is imported from the repository
   define_flags()
   app.run(main)

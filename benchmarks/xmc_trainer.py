@@ -5,20 +5,20 @@ with impl one of ``xla``, ``pallas`` (the gather designs), ``xla_tile``,
 ``pallas_tile`` (the tile designs) or ``auto`` (``sparsejax.dispatch``'s
 choice, which the table names), and ``-rigl`` for RigL regrowth instead of
 SET's random one), a fresh Python process builds the trainer's model and
-optimizer (``experiments.xmc.train.build``) on synthetic data
+optimizer (``sparsejax.xmc.XMCModel``, ``make_optimizer``, with the trainer's
+default learning rates and SET settings) on synthetic data
 (``sparsejax.data.synthetic_xmc``, 20 batches of points), compiles its train
-step ahead of time (``make_train_step``: squared hinge loss summed over label
-chunks, Adam, SET/RigL rewiring of a fixed fan-in classifier, both states
-donated) and runs it: warm-up steps, then timed steps, each waited for with
-``block_until_ready``. ``SPARSEJAX_KERNELS`` in the child's environment picks
-the fixed fan-in implementation; ``--compute_dtype`` and ``--label_chunk`` go
-to the trainer's ``Config`` (defaults: the trainer's auto, the same policy for
-the dense and the sparse variants). One process per variant, so that the peak
-memory (``memory_stats()["peak_bytes_in_use"]`` on GPU, the peak RSS on CPU)
-is that variant's alone; the parent never imports JAX, so it holds no device
-memory. Pallas variants are skipped on CPU: interpret mode is a correctness
-tool, far too slow at these sizes. A trainer without the ``Config`` field a
-variant needs (``regrowth``, ``compute_dtype``) gives an error row saying so.
+steps ahead of time (``sparsejax.xmc.make_train_steps``: squared hinge loss
+summed over label chunks, Adam, SET/RigL rewiring of a fixed fan-in
+classifier, both states donated) and runs them: warm-up steps, then timed
+steps, each waited for with ``block_until_ready``. ``SPARSEJAX_KERNELS`` in
+the child's environment picks the fixed fan-in implementation;
+``--compute_dtype`` and ``--label_chunk`` are the trainer's flags (defaults:
+its auto, the same policy for the dense and the sparse variants). One process
+per variant, so that the peak memory (``memory_stats()["peak_bytes_in_use"]``
+on GPU, the peak RSS on CPU) is that variant's alone; the parent never imports
+JAX, so it holds no device memory. Pallas variants are skipped on CPU:
+interpret mode is a correctness tool, far too slow at these sizes.
 
 SET/RigL rewires on updates t = interval, 2 interval, ...; timed steps that
 rewire are reported apart ("rewire step ms") from the others ("step ms", the
@@ -42,17 +42,14 @@ Run from the repository root:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime
 import functools
-import inspect
 import json
 import math
 import os
 import pathlib
 import platform
 import re
-import resource
 import shlex
 import signal
 import statistics
@@ -76,12 +73,16 @@ RESULT_PREFIX = "XMC_RESULT "  # marks the child's result lines on its stdout
 PALLAS_ON_CPU = "pallas needs a GPU (interpret mode is for tests)"
 MIB = 2**20
 IMPLS = ("xla", "pallas", "xla_tile", "pallas_tile", "auto")
-DEFAULTS = dict(compute_dtype="auto", regrowth="random")  # new Config fields, at their defaults
 
 # The model: the classifier reads 768 features, as in benchmarks/kernels.py.
-MODEL = dict(embed_dim=256, hidden_layers=1, intermediate=768, loss="squared_hinge", aux=False)
+MODEL = dict(embed_dim=256, hidden_layers=1, intermediate=768)
+LOSS = "squared_hinge"
+NUM_FEATURES = 16_384  # the trainer's default synthetic vocabulary
 TRAIN_BATCHES = 20  # points = 20 batches: quick to generate even at 3M labels
 TOTAL_STEPS = 1000  # schedule length: SET's end step (660) lies past every timed step
+# The trainer's default schedules and SET settings, for TOTAL_STEPS updates.
+OPTIMIZER = dict(total_steps=TOTAL_STEPS, encoder_lr=3e-3, classifier_lr=1e-2, warmup_steps=100,
+                 set_fraction=0.3, set_end_step=int(0.66 * TOTAL_STEPS))
 
 
 def parse_variant(name: str) -> tuple[int, str, str]:
@@ -130,9 +131,9 @@ def measure(spec: dict) -> None:
   import numpy as np
   from flax import nnx
 
-  from experiments.xmc import train
-  from sparsejax.data.xmc import batches
-  from sparsejax import dispatch
+  from sparsejax import dispatch, xmc
+  from sparsejax import memory as sj_memory
+  from sparsejax.data import batches, synthetic_xmc
 
   fan_in, impl, regrowth = parse_variant(spec["variant"])
   device = jax.devices()[0]
@@ -151,42 +152,32 @@ def measure(spec: dict) -> None:
   try:
     if fan_in:  # SPARSEJAX_KERNELS must be accepted; the row names what auto dispatches to
       result["dispatched"] = _dispatched(dispatch, impl, spec, fan_in)
-    fields = {f.name for f in dataclasses.fields(train.Config)}
-    wanted = dict(compute_dtype=spec["compute_dtype"], regrowth=regrowth or DEFAULTS["regrowth"])
-    new = {}
-    for name, value in wanted.items():
-      if name in fields:
-        new[name] = value
-      elif value != DEFAULTS[name]:  # an older trainer: a clear error rather than a wrong row
-        raise RuntimeError(f"experiments/xmc/train.py's Config has no field {name!r} "
-                           f"(needed for {name} {value!r})")
-    config = train.Config(num_train=TRAIN_BATCHES * spec["batch_size"], num_test=0,
-                          num_labels=spec["labels"], fan_in=fan_in,
-                          batch_size=spec["batch_size"], label_chunk=spec["label_chunk"],
-                          set_interval=spec["set_interval"], **new, **MODEL)
-    result["config"] = dict(
-        regrowth=getattr(config, "regrowth", None),
-        compute_dtype=(str(train.resolved_compute_dtype(config))
-                       if hasattr(train, "resolved_compute_dtype") else None),
-        label_chunk=(train.resolved_label_chunk(config) if hasattr(train, "resolved_label_chunk")
-                     else config.label_chunk))
-    data, _ = train.load_data(config)
-    model, optimizer = train.build(config, data.num_features, data.num_labels, TOTAL_STEPS)
-    result["classifier_params"] = int(sum(
-        x.size for x in jax.tree.leaves(nnx.state(model.classifier, nnx.Param))))
+    regrowth = regrowth or "random"
+    label_chunk = xmc.resolve_label_chunk(spec["label_chunk"])
+    compute_dtype = xmc.resolve_compute_dtype(spec["compute_dtype"])
+    result["config"] = dict(regrowth=regrowth, compute_dtype=str(compute_dtype),
+                            label_chunk=label_chunk)
+    data, _ = synthetic_xmc(seed=0, num_train=TRAIN_BATCHES * spec["batch_size"], num_test=0,
+                            num_features=NUM_FEATURES, num_labels=spec["labels"])
+    model = xmc.XMCModel(num_features=data.num_features, num_labels=data.num_labels,
+                         fan_in=fan_in, num_clusters=0,
+                         classifier_bias=xmc.initial_classifier_bias(LOSS, data.num_labels),
+                         rngs=nnx.Rngs(0), **MODEL)
+    optimizer = xmc.make_optimizer(model, set_interval=spec["set_interval"], regrowth=regrowth,
+                                   key=jax.random.key(1), **OPTIMIZER)
+    result["classifier_params"] = model.num_params()["classifier"]
     model_def, model_state = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
-    rewires = bool(fan_in and config.set_interval)
+    rewires = bool(fan_in and spec["set_interval"])
     # As the trainer's loop: a plain step that traces no rewiring and a rewiring one for the
-    # due updates, where make_train_step has them (``rewire``); else one step for all.
-    kinds = ({False: dict(rewire=False), True: dict(rewire=None)}
-             if rewires and "rewire" in inspect.signature(train.make_train_step).parameters
-             else {False: {}})
-    step_fns = {kind: train.make_train_step(config, model_def, opt_def, optimizer.wrt,
-                                            num_clusters=0, **kwargs)
-                for kind, kwargs in kinds.items()}
+    # due updates.
+    step_fns = xmc.make_train_steps(
+        model_def, opt_def, optimizer.wrt, rewires=rewires, loss=LOSS, label_chunk=label_chunk,
+        compute_dtype=compute_dtype,
+        num_candidates=(xmc.rigl_num_candidates(fan_in, OPTIMIZER["set_fraction"])
+                        if rewires and regrowth == "rigl" else 0))
     del model, optimizer  # their arrays are the states', which the steps donate
-    device_batches = [jax.device_put(b) for b in batches(data, batch_size=config.batch_size,
+    device_batches = [jax.device_put(b) for b in batches(data, batch_size=spec["batch_size"],
                                                          seed=0, epoch=0)]
     no_aux = (None, np.float32(0))  # no cluster head: the step takes None and a zero weight
     start = time.perf_counter()
@@ -194,25 +185,24 @@ def measure(spec: dict) -> None:
                 for kind, fn in step_fns.items()}
     result["compile_s"] = time.perf_counter() - start
     for kind, name in ((False, "compiled"), (True, "compiled_rewire")):
-      stats = compiled[kind].memory_analysis() if kind in compiled else None
-      if stats is not None:
-        result[name] = dict(argument=stats.argument_size_in_bytes,
-                            temp=stats.temp_size_in_bytes, output=stats.output_size_in_bytes,
-                            alias=stats.alias_size_in_bytes)
+      if kind in compiled:
+        memory = sj_memory.compiled_bytes(compiled[kind])
+        result[name] = {part: memory[f"{part}_bytes"]
+                        for part in ("argument", "temp", "output", "alias")}
 
     def peak() -> tuple[int, str]:
-      memory = device.memory_stats()
-      if memory and "peak_bytes_in_use" in memory:
-        return int(memory["peak_bytes_in_use"]), "device"
-      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+      memory = sj_memory.peak_memory()
+      if "device_peak_bytes" in memory:
+        return memory["device_peak_bytes"], "device"
+      return memory["max_rss_bytes"], "RSS"
 
     result["setup_peak_bytes"] = peak()[0]  # model, optimizer, data and compilation
     _emit(result)
     for i in range(spec["warmup"] + spec["steps"]):
       batch = device_batches[i % len(device_batches)]
       # Update t = i + 1 rewires when the interval divides it (SET's end step is far off).
-      rewired = rewires and (i + 1) % config.set_interval == 0
-      step = compiled[True] if rewired and True in compiled else compiled[False]
+      rewired = rewires and (i + 1) % spec["set_interval"] == 0
+      step = compiled[rewired]
       start = time.perf_counter()
       model_state, opt_state, losses = step(model_state, opt_state, batch, *no_aux)
       jax.block_until_ready((model_state, opt_state, losses))
@@ -241,8 +231,6 @@ def _dispatched(dispatch, impl: str, spec: dict, fan_in: int) -> str:
   Resolving ``$SPARSEJAX_KERNELS`` also fails here, before any building, when the
   dispatch module does not know ``impl``.
   """
-  if not hasattr(dispatch, "resolve_fanin_impl"):  # an older dispatch: gather paths only
-    return dispatch.resolve_impl()
   # The classifier reads the intermediate layer; out: all L labels.
   return dispatch.resolve_fanin_impl(batch=spec["batch_size"], in_features=MODEL["intermediate"],
                                      out=spec["labels"], fan_in=fan_in)
@@ -267,9 +255,6 @@ def run_variant(spec: dict, timeout: float) -> dict:
   """
   _, impl, _ = parse_variant(spec["variant"])
   env = dict(os.environ, SPARSEJAX_KERNELS=impl)
-  # experiments/ is imported from the repository root. Appended: a sparsejax put earlier on
-  # PYTHONPATH (benchmarks/gpu_check.sh's copy with the kernels) must stay the one imported.
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
   # A training run would have most of the GPU; JAX's default pool is 75 % of it.
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_child", json.dumps(spec)]
@@ -407,8 +392,8 @@ def render_section(rows: list[dict]) -> str:
   data = json.dumps(rows, separators=(",", ":")).replace(">", "\\u003e")  # no "-->" inside
   return "\n".join([
       "## XMC trainer: peak memory and step time, dense vs fixed fan-in", "",
-      "`experiments/xmc/train.py`'s train step on synthetic data "
-      f"({TRAIN_BATCHES} batches of points, 16,384 features): embedding bag of width "
+      "The XMC trainer's train step (`sparsejax.xmc.make_train_steps`) on synthetic data "
+      f"({TRAIN_BATCHES} batches of points, {NUM_FEATURES:,} features): embedding bag of width "
       f"{MODEL['embed_dim']}, {MODEL['hidden_layers']} residual MLP block, a linear "
       f"intermediate layer of {MODEL['intermediate']}, then a dense or fixed fan-in "
       f"classifier over L labels; batch {batch}, squared hinge loss summed over label "

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .vma import kernel_out_shape
-from sparsejax.mvue import DRAWS, prune_columns
+from .mvue_columns import DRAWS, prune_columns
 
 from .threefry import group_words, threefry_words, uniform_from_word
 

@@ -3,15 +3,15 @@
 from sparsejax.dispatch import resolve_impl
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import (FixedFanIn, check_fixed_fanin, default_index_dtype,
-                                   draw_columns, random_topology)
-from sparsejax.grad_prune import prune_grad, prune_weight_grad, pruned_linear
+                                   random_topology)
+from sparsejax.mvue import nm_prune, prune_grad, prune_weight_grad, pruned_linear
 from sparsejax.masked import MaskedDense
-from sparsejax.mvue import nm_prune
 from sparsejax.nm import is_nm_sparse, nm_mask
+from sparsejax.rewiring import draw_columns, rigl_regrowth_columns
 from sparsejax.topology import (RegrowthCandidates, SetTopologyState, is_rewire_step,
-                                rigl_regrowth_columns, set_topology, sparse_layer_names,
-                                static_topology)
+                                set_topology, sparse_layer_names, static_topology)
 from sparsejax import memory
+from sparsejax import mvue
 from sparsejax import nn
 from sparsejax import supar
 from sparsejax import xmc
@@ -35,6 +35,7 @@ __all__ = [
     "nm_mask",
     "nm_prune",
     "memory",
+    "mvue",
     "nn",
     "prune_grad",
     "prune_weight_grad",

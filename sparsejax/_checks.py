@@ -59,6 +59,16 @@ def check_bias(bias, out_features: int) -> None:
   check_finite(bias, "bias")
 
 
+def check_sizes(in_features: int, out_features: int, fan_in: int) -> None:
+  """Positive integer sizes of a fixed fan-in layer with ``fan_in <= in_features``."""
+  for name, size in (("in_features", in_features), ("out_features", out_features),
+                     ("fan_in", fan_in)):
+    if not isinstance(size, (int, np.integer)) or size < 1:
+      raise ValueError(f"{name} must be a positive integer, got {size!r}")
+  if fan_in > in_features:
+    raise ValueError(f"fan_in={fan_in} exceeds in_features={in_features}")
+
+
 def check_fanin_operands(x, values, indices) -> None:
   """Static checks for ``fixed_fanin_matmul(x, values, indices)``."""
   check_float(x, "x")

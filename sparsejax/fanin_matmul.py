@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax import _checks
+from sparsejax._rows import over_row_chunks
 from sparsejax.kernels.vma import varying_like
 from sparsejax.dispatch import resolve_fanin_impl
 from sparsejax.kernels import fanin as _kernels
@@ -138,17 +139,6 @@ def _row_chunk(out: int, batch: int) -> int:
   return max(1, min(out, _CHUNK_ELEMENTS // max(batch, 1)))
 
 
-def _over_row_chunks(body, out: int, chunk: int, carry):
-  """Runs ``carry = body(start, size, carry)`` over rows [0, out) in chunks.
-
-  Full chunks go through one ``fori_loop`` (compiled once); a ragged tail gets
-  its own static-size call.
-  """
-  full, tail = divmod(out, chunk)
-  carry = lax.fori_loop(0, full, lambda c, carry: body(c * chunk, chunk, carry), carry)
-  return body(full * chunk, tail, carry) if tail else carry
-
-
 def _slot(array, k):
   """Column ``k`` of an (rows, K) array."""
   return lax.dynamic_index_in_dim(array, k, axis=1, keepdims=False)
@@ -182,7 +172,7 @@ def _matmul(x, values, indices):
     return lax.dynamic_update_slice_in_dim(y, total.T.astype(y.dtype), start, axis=1)
 
   y = varying_like(jnp.zeros((batch, out), jnp.result_type(x, values)), x, values, indices)
-  y = _over_row_chunks(chunk_forward, out, _row_chunk(out, batch), y)
+  y = over_row_chunks(chunk_forward, out, _row_chunk(out, batch), y)
   return y.reshape(*x.shape[:-1], out)
 
 
@@ -218,7 +208,7 @@ def _matmul_bwd(residuals, g):
 
   carry = varying_like((jnp.zeros(xt.shape, acc), jnp.zeros(values.shape, values.dtype)),
                        x, values, indices, g)
-  dxt, dvalues = _over_row_chunks(chunk_grads, out, _row_chunk(out, batch), carry)
+  dxt, dvalues = over_row_chunks(chunk_grads, out, _row_chunk(out, batch), carry)
   dx = dxt.T.astype(x.dtype).reshape(x.shape)
   dindices = np.zeros(indices.shape, dtype=jax.dtypes.float0)
   return dx, dvalues, dindices
@@ -291,7 +281,7 @@ def _tile_forward(x, values, indices):
     return lax.dynamic_update_slice_in_dim(y, tile_logits(idx, w)[0], start, axis=1)
 
   y = varying_like(jnp.zeros((x.shape[0], out), result), x, values, indices)
-  return _over_row_chunks(body, out, rows, y), None
+  return over_row_chunks(body, out, rows, y), None
 
 
 @jax.custom_vjp
@@ -332,7 +322,7 @@ def _tile_matmul_bwd(residuals, g):
 
   carry = varying_like((jnp.zeros(x.shape, acc), jnp.zeros((out, fan_in), values.dtype)),
                        x, values, indices, g)
-  dx, dvalues = _over_row_chunks(body, out, tile_rows(in_features, out), carry)
+  dx, dvalues = over_row_chunks(body, out, tile_rows(in_features, out), carry)
   return dx.astype(x.dtype), dvalues, dindices
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +10,9 @@ from jax.experimental import checkify
 
 from sparsejax import _checks
 from sparsejax.fanin_matmul import fixed_fanin_matmul
+from sparsejax.rewiring import draw_all_columns
 
-__all__ = ["FixedFanIn", "check_fixed_fanin", "default_index_dtype", "draw_columns",
-           "fill_free_slots", "random_topology"]
+__all__ = ["FixedFanIn", "check_fixed_fanin", "default_index_dtype", "random_topology"]
 
 
 def default_index_dtype(in_features: int) -> jnp.dtype:
@@ -33,15 +31,6 @@ def _resolve_index_dtype(index_dtype, in_features: int) -> jnp.dtype:
   return index_dtype
 
 
-def _check_sizes(in_features: int, out_features: int, fan_in: int) -> None:
-  for name, size in (("in_features", in_features), ("out_features", out_features),
-                     ("fan_in", fan_in)):
-    if not isinstance(size, (int, np.integer)) or size < 1:
-      raise ValueError(f"{name} must be a positive integer, got {size!r}")
-  if fan_in > in_features:
-    raise ValueError(f"fan_in={fan_in} exceeds in_features={in_features}")
-
-
 def random_topology(in_features: int, out_features: int, fan_in: int, index_dtype=None, *,
                     key: jax.Array) -> jax.Array:
   """Draws ``fan_in`` distinct random input columns for every output row.
@@ -51,180 +40,18 @@ def random_topology(in_features: int, out_features: int, fan_in: int, index_dtyp
   ``out * fan_in`` (never ``out * in`` unless ``fan_in > in / 2``).
 
   Arguments:
-    key: PRNG key; the same key gives the same bits. Row ``u`` depends only on
-      ``key`` and ``u`` (see ``draw_columns``): the first rows of a larger draw
-      equal a smaller draw with the same key.
     in_features, out_features, fan_in: sizes, ``1 <= fan_in <= in_features``.
     index_dtype: integer dtype of the result (default: ``default_index_dtype``).
+    key: PRNG key; the same key gives the same bits. Row ``u`` depends only on
+      ``key`` and ``u`` (``sparsejax.rewiring.draw_all_columns``): the first
+      rows of a larger draw equal a smaller draw with the same key.
 
   Returns:
     ``(out_features, fan_in)`` indices; each row distinct and sorted ascending.
   """
-  _check_sizes(in_features, out_features, fan_in)
+  _checks.check_sizes(in_features, out_features, fan_in)
   index_dtype = _resolve_index_dtype(index_dtype, in_features)
-  shape = (out_features, fan_in)
-  cols = _draw_columns(key, jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool), in_features,
-                       all_free=True)
-  return jnp.sort(cols, axis=1).astype(index_dtype)
-
-
-def draw_columns(indices: jax.Array, free: jax.Array, in_features: int, *,
-                 key: jax.Array) -> jax.Array:
-  """Redraws the ``free`` slots of every row with distinct random columns.
-
-  The new columns of a row are a uniformly random set among the columns its
-  kept (non-free) slots do not hold, so the row stays distinct. This is both
-  the initial draw of ``random_topology`` (every slot free) and SET's random
-  regrowth (the pruned slots free).
-
-  Row ``u`` draws from its own key, ``fold_in(fold_in(key, round), u)`` in
-  redraw round ``round``, so its new columns depend only on ``key``, ``u`` and
-  that row's ``indices``/``free``: drawing the rows in blocks, or a shard of
-  them elsewhere (with ``u`` the global row), gives the same bits.
-
-  Arguments:
-    key: PRNG key; the same key gives the same bits.
-    indices: ``(out, K)`` integer columns; the kept ones must be distinct per row.
-    free: ``(out, K)`` bool, the slots to draw.
-    in_features: number of input columns, ``>= K``.
-
-  Returns:
-    ``(out, K)`` int32: kept slots unchanged. Work and memory are ``O(out * K)``
-    when ``2 K <= in``: draw with replacement, then redraw repeats until none is
-    left. Each step treats all column labels alike, so the result is uniform;
-    with ``K <= in / 2`` a draw repeats with p <= 1/2, so the loop ends after
-    O(log(out * K)) steps. Otherwise, one ``(out, in)`` draw (at most twice
-    the size of the result).
-  """
-  _checks.check_int(indices, "indices")
-  if jnp.ndim(indices) != 2 or jnp.shape(free) != jnp.shape(indices):
-    raise ValueError(f"indices and free must both have shape (out, K), got "
-                     f"{jnp.shape(indices)} and {jnp.shape(free)}")
-  if _checks.dtype_of(free) != jnp.bool_:
-    raise ValueError(f"free must be a bool array, got dtype {_checks.dtype_of(free)}")
-  _check_sizes(in_features, *jnp.shape(indices))
-  return _draw_columns(key, indices, free, in_features, all_free=False)
-
-
-# The redraw rounds of _draw_columns run on all rows while more than 1 in
-# _COMPACT_FRACTION of them still repeat a column, then on just those rows (gathered),
-# and so on level by level, down to levels of _COMPACT_MIN_ROWS rows. A round leaves
-# a repeat with p ~ K / in (1 in 12 for K 64, in 768): two full rounds, then a few
-# ever smaller ones, instead of ~log(out K) full ones.
-_COMPACT_FRACTION = 4
-_COMPACT_MIN_ROWS = 1024
-
-
-@functools.partial(jax.jit, static_argnames=("in_features", "all_free", "with_rounds"))
-def _draw_columns(key, indices, free, in_features, row_offset=0, *, all_free: bool,
-                  with_rounds: bool = False):
-  """``draw_columns`` of rows ``row_offset + [0, out)`` (a traced offset is fine).
-
-  ``all_free``: nothing is kept, so rows need no slot bookkeeping and come out
-  sorted (a single-operand sort, several times faster on CPU). ``with_rounds``:
-  also return the number of redraw rounds (for benchmarks).
-  """
-  out, fan_in = indices.shape
-  indices = indices.astype(jnp.int32)
-  rows = row_offset + jnp.arange(out, dtype=jnp.int32)
-
-  def row_keys(step, rows):  # row u of round ``step`` sees only (key, step, u)
-    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
-
-  if 2 * fan_in > in_features:
-    # Uniform scores, kept columns last: the first K by score are a random order of
-    # the columns a row may take; the j-th free slot takes the j-th of them.
-    local = jnp.arange(out)[:, None]
-    scores = jax.vmap(lambda k: jax.random.uniform(k, (in_features,)))(row_keys(0, rows))
-    scores = scores.at[local, indices].set(jnp.where(free, scores[local, indices], jnp.inf))
-    cols = fill_free_slots(indices, free, jnp.argsort(scores, axis=1)[:, :fan_in])
-    return (cols, jnp.zeros((), jnp.int32)) if with_rounds else cols
-
-  def draw(step, rows):
-    return jax.vmap(lambda k: jax.random.randint(k, (fan_in,), 0, in_features))(
-        row_keys(step, rows))
-
-  # Rows are sorted by (column, free), stably: a repeat is always a free slot, since
-  # kept ones are distinct, and which of two equal free slots is redrawn depends on
-  # that row alone. The state is a tuple of (rows, K) arrays in that order.
-  slot_bits = (fan_in - 1).bit_length()
-  col_shift = 2 * slot_bits + 1
-  # Where (column, free, position, slot) fit in 31 bits, one int32 key holds them:
-  # a single-operand sort gives the stable (column, free) order and carries the slot.
-  packed = not all_free and col_shift + (in_features - 1).bit_length() <= 31
-  slot_mask = (1 << slot_bits) - 1
-  free_and_slot = (1 << 2 * slot_bits) | slot_mask
-
-  def columns(state):
-    return state[0] >> col_shift if packed else state[0]
-
-  def with_columns(state, cols):  # the state's rows, given these columns, sorted
-    if all_free:
-      return (jnp.sort(cols, axis=1),)
-    if packed:
-      position = lax.broadcasted_iota(jnp.int32, cols.shape, 1) << slot_bits
-      return (jnp.sort((cols << col_shift) | position | (state[0] & free_and_slot), axis=1),)
-    return lax.sort((cols, *state[1:]), dimension=1, num_keys=2, is_stable=True)
-
-  def repeated(state, valid):  # (n, K): a column equal to its left neighbour's
-    cols = columns(state)
-    same = cols[:, 1:] == cols[:, :-1]
-    return jnp.concatenate([jnp.zeros((cols.shape[0], 1), bool), same & valid[:, None]], axis=1)
-
-  def resolve(state, rows, valid, step):
-    """Redraws the repeats of ``state``'s rows (``valid`` ones) until none is left."""
-    def redraw(carry):
-      step, state = carry
-      cols = jnp.where(repeated(state, valid), draw(step, rows), columns(state))
-      return step + 1, with_columns(state, cols)
-
-    n = rows.shape[0]
-    cap = n // _COMPACT_FRACTION
-    if cap < _COMPACT_MIN_ROWS:
-      step, state = lax.while_loop(lambda c: jnp.any(repeated(c[1], valid)), redraw,
-                                   (step, state))
-      return state, step
-    count = lambda state: jnp.sum(jnp.any(repeated(state, valid), axis=1))
-    step, state = lax.while_loop(lambda c: count(c[1]) > cap, redraw, (step, state))
-    # The rows that still repeat (at most cap; the rest pad with an index past the end,
-    # which reads the last row, never redraws, and writes nothing back).
-    chosen = jnp.nonzero(jnp.any(repeated(state, valid), axis=1), size=cap, fill_value=n)[0]
-    take = jnp.minimum(chosen, n - 1)
-    sub, step = resolve(tuple(a[take] for a in state), rows[take], chosen < n, step)
-    return tuple(a.at[chosen].set(b, mode="drop") for a, b in zip(state, sub)), step
-
-  slots = lax.broadcasted_iota(jnp.int32, (out, fan_in), 1)
-  if all_free:
-    state = ()
-  elif packed:
-    state = ((free.astype(jnp.int32) << 2 * slot_bits) | slots,)
-  else:
-    state = (slots, free.astype(jnp.int32), slots)  # the first entry: the columns' place
-  state = with_columns(state, jnp.where(free, draw(0, rows), indices))
-  state, step = resolve(state, rows, jnp.ones((out,), bool), 1)
-  if all_free:
-    cols = state[0]
-  else:
-    # Back from sorted order to slot order.
-    sorted_slots = state[0] & slot_mask if packed else state[2]
-    cols = jnp.zeros((out, fan_in), jnp.int32).at[jnp.arange(out)[:, None], sorted_slots].set(
-        columns(state))
-  return (cols, step - 1) if with_rounds else cols
-
-
-def fill_free_slots(indices: jax.Array, free: jax.Array, candidates: jax.Array) -> jax.Array:
-  """The j-th free slot of a row (in slot order) takes ``candidates[row, j]``.
-
-  Arguments:
-    indices, free: ``(out, K)`` columns and the bool slots to fill.
-    candidates: ``(out, >= K)`` columns, in the order the free slots take them.
-
-  Returns:
-    ``(out, K)`` int32.
-  """
-  rank = jnp.cumsum(free, axis=1) - 1
-  chosen = jnp.take_along_axis(candidates, jnp.maximum(rank, 0), axis=1)
-  return jnp.where(free, chosen.astype(jnp.int32), indices.astype(jnp.int32))
+  return draw_all_columns(in_features, out_features, fan_in, key=key).astype(index_dtype)
 
 
 def _scatter_to_dense(indices, row_values, in_features: int) -> jax.Array:
@@ -260,7 +87,7 @@ class FixedFanIn:
 
   def __init__(self, values, indices, bias=None, *, in_features: int):
     _checks.check_values_indices(values, indices)
-    _check_sizes(in_features, *jnp.shape(values))
+    _checks.check_sizes(in_features, *jnp.shape(values))
     _resolve_index_dtype(_checks.dtype_of(indices), in_features)
     if bias is not None:
       _checks.check_bias(bias, jnp.shape(values)[0])
@@ -348,7 +175,7 @@ class FixedFanIn:
     if w.ndim != 2:
       raise ValueError(f"w must have shape (in, out), got {w.shape}")
     in_features, out_features = w.shape
-    _check_sizes(in_features, out_features, fan_in)
+    _checks.check_sizes(in_features, out_features, fan_in)
     _checks.check_finite(w, "w")
     index_dtype = _resolve_index_dtype(index_dtype, in_features)
     _, cols = lax.top_k(jnp.abs(w.T), fan_in)

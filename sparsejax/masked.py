@@ -60,17 +60,19 @@ class MaskedDense:
     return layer
 
   @property
+  def density(self) -> jax.Array:
+    """Fraction of entries the mask keeps."""
+    return jnp.mean(self.mask)
+
+  @property
   def in_features(self) -> int:
+    """Inputs ``in``: the weight's rows."""
     return self.weight.shape[0]
 
   @property
   def out_features(self) -> int:
+    """Outputs ``out``: the weight's columns."""
     return self.weight.shape[1]
-
-  @property
-  def density(self) -> jax.Array:
-    """Fraction of entries the mask keeps."""
-    return jnp.mean(self.mask)
 
   @classmethod
   def init(cls, in_features: int, out_features: int, fan_in: int, *, key: jax.Array,

@@ -14,7 +14,7 @@ from flax import nnx
 
 from sparsejax import _checks, _tree
 from sparsejax.fixed_fanin import FixedFanIn
-from sparsejax.grad_prune import prune_grad, prune_weight_grad
+from sparsejax.mvue.modules import PrunedGrad
 from sparsejax.masked import MaskedDense
 
 __all__ = ["Indices", "Mask", "EmbeddingBag", "FixedFanInLinear", "MaskedLinear", "PrunedGrad",
@@ -114,49 +114,6 @@ def fixed_fanin_sizes(model: nnx.Module) -> dict[str, int]:
   """
   return {_tree.path_name(path): node.in_features
           for path, node in nnx.iter_graph(model) if isinstance(node, FixedFanInLinear)}
-
-
-class PrunedGrad(nnx.Module):
-  """Wraps a layer so that the gradient w.r.t. its output, dY, is N:M-pruned.
-
-  Works with any module called as ``layer(x)`` with output ``(..., out)``:
-  ``nnx.Linear``, ``FixedFanInLinear``, ``MaskedLinear``. Every call draws a
-  fresh key from ``rngs`` (stream ``grad_prune``, else ``default``), so every
-  step prunes differently and the same seed repeats exactly.
-
-  Arguments:
-    layer: the wrapped module.
-    n, m, method: as in ``sparsejax.nm_prune`` (``"mvue"``, ``"mvue_approx"``,
-      ``"greedy"``).
-    weight_grad_only: if True (the 2:4 training recipe), only the layer's
-      own parameters see the pruned dY, pruned along the token axis (the
-      contraction axis of ``dW = dY^T X``), and its input gets the dense
-      gradient. If False, dY itself is pruned for every consumer.
-    axis: with ``weight_grad_only=False``: ``"tokens"`` (all leading axes
-      flattened) or ``"features"`` (the last axis, the contraction axis of
-      ``dX = dY W^T``).
-    rngs: source of the keys.
-  """
-
-  def __init__(self, layer: nnx.Module, *, n: int, m: int, method: str,
-               weight_grad_only: bool = True, axis: str = "tokens", rngs: nnx.Rngs):
-    if axis not in ("tokens", "features"):
-      raise ValueError(f"axis must be 'tokens' or 'features', got {axis!r}")
-    self.layer, self.rngs = layer, rngs
-    self.n, self.m, self.method = n, m, method
-    self.weight_grad_only, self.axis = weight_grad_only, axis
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    key = None if self.method == "greedy" else self.rngs.grad_prune()
-    prune = dict(n=self.n, m=self.m, method=self.method)
-    if self.weight_grad_only:
-      graphdef, state = nnx.split(self.layer)
-      return prune_weight_grad(lambda x, state: nnx.merge(graphdef, state)(x), x, state, key=key,
-                               **prune)
-    y = self.layer(x)
-    tokens = y.reshape(-1, y.shape[-1])
-    axis = 0 if self.axis == "tokens" else 1
-    return prune_grad(tokens, key=key, axis=axis, **prune).reshape(y.shape)
 
 
 # nnx.Embed's default: normal with variance 1 / features.

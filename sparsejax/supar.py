@@ -23,6 +23,7 @@ vector-like LR     eta          eta             eta
 Only hidden weights are sparse; each layer uses its own density, and with all
 densities 1 SμPar is exactly μP. SμPar is derived for static sparsity; the
 paper does not claim it for dynamic sparsity (RigL/GMP), where it overcorrects.
+The derivation in brief and the reference: ``docs/methods.md``, "SμPar".
 
 Pieces:
 
@@ -176,6 +177,29 @@ def spec_table(specs) -> dict[str, ParamSpec]:
   return table
 
 
+# Layers that record their own density: SμPar's hidden weights whose rho it reads off the layer.
+_DENSITY_LAYERS = (FixedFanIn, MaskedDense, nn.FixedFanInLinear, nn.MaskedLinear)
+
+
+def _is_density_layer(node) -> bool:
+  """A layer whose density ``rho`` its own fields give: fixed fan-in or masked dense.
+
+  Not ``_tree.is_sparse_layer`` (the layers that SET rewires): that one also
+  takes a plain ``values``/``indices`` mapping, which does not record ``in``
+  (so its density must come from ``densities=``), and leaves out the masked
+  layers, whose weight is stored dense.
+  """
+  return isinstance(node, _DENSITY_LAYERS)
+
+
+def _weight_and_density(node) -> tuple[str, float]:
+  """``(name of the weight field, density)`` of a ``_is_density_layer`` node."""
+  weight = "values" if isinstance(node, (FixedFanIn, nn.FixedFanInLinear)) else "weight"
+  if isinstance(node, (FixedFanIn, MaskedDense)):
+    return weight, float(node.density)  # K / in, or the mask's mean
+  return weight, node.fan_in / node.in_features
+
+
 def _match(patterns: Mapping[str, Any] | None, name: str):
   for pattern, value in (patterns or {}).items():
     if re.search(pattern, name):
@@ -206,19 +230,15 @@ def infer_specs(model_or_params, *, roles: Mapping[str, str] | None = None,
   """
   if isinstance(model_or_params, nnx.Module):
     tree = nnx.as_pure(nnx.state(model_or_params, nnx.Param))
-    known = {}
-    for path, node in nnx.iter_graph(model_or_params):
-      field = {nn.FixedFanInLinear: "values", nn.MaskedLinear: "weight"}.get(type(node))
-      if field:
-        known[_tree.path_name(path) + f"/{field}"] = node.fan_in / node.in_features
+    nodes = nnx.iter_graph(model_or_params)
   else:
-    tree, known = model_or_params, {}
-    for path, node in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda n: isinstance(n, (FixedFanIn, MaskedDense)))[0]:
-      if isinstance(node, FixedFanIn):
-        known[_tree.path_name(path) + "/values"] = node.density
-      elif isinstance(node, MaskedDense):
-        known[_tree.path_name(path) + "/weight"] = float(node.density)
+    tree = model_or_params
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_density_layer)[0]
+  known = {}
+  for path, node in nodes:
+    if _is_density_layer(node):
+      weight, density = _weight_and_density(node)
+      known[f"{_tree.path_name(path)}/{weight}"] = density
 
   specs = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -28,45 +28,32 @@ With ``mesh=``, each device rewires only the rows of every layer that it holds
 (``jax.shard_map`` over the rows), and the random draws of a row depend only
 on the key, the step, the layer and the row's global index, so the topology
 is the same bit for bit whatever the mesh (or none).
+
+The rewiring of one layer's rows (pruning, random and RigL regrowth) is
+``sparsejax.rewiring.rewire_layer``; this module is the optax wrapper around
+it: when to rewire, the params and optimizer state around it, the mesh.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparsejax import _tree
-from sparsejax.kernels.vma import varying_like
-from sparsejax.fanin_matmul import _over_row_chunks
-from sparsejax.fixed_fanin import _draw_columns, fill_free_slots
+from sparsejax.rewiring import max_pruned_per_row, rewire_layer
 
 __all__ = ["RegrowthCandidates", "SetTopologyState", "set_topology", "static_topology",
-           "is_rewire_step", "max_pruned_per_row", "rigl_regrowth_columns", "sparse_layer_names"]
+           "is_rewire_step", "sparse_layer_names"]
 
 sparse_layer_names = _tree.sparse_layer_names
-
-# RigL scores (rows, in) dense-gradient blocks; rows per block keep a block near 16 MiB.
-_RIGL_BLOCK_ELEMENTS = 1 << 22
-# SET rewires (rows, K) blocks of about this many slots: on CPU a few MiB of scratch
-# each (about 30 bytes a slot); on GPU/TPU about 1 GiB, since there each block costs a
-# dozen while-loop rounds of kernel launches and host syncs, whatever its size.
-_REWIRE_BLOCK_ELEMENTS = 1 << 18
-_REWIRE_BLOCK_ELEMENTS_ACCELERATOR = 1 << 25
-
-
-def _rewire_block_elements() -> int:
-  """Slots per SET rewiring block on the default backend (read when tracing)."""
-  if jax.default_backend() == "cpu":
-    return _REWIRE_BLOCK_ELEMENTS
-  return _REWIRE_BLOCK_ELEMENTS_ACCELERATOR
 
 
 class RegrowthCandidates(NamedTuple):
@@ -126,29 +113,6 @@ def is_rewire_step(step, *, interval: int, end_step: int):
   return (step % interval == 0) & (step <= end_step)
 
 
-def max_pruned_per_row(fan_in: int, prune_fraction: float | optax.Schedule | None) -> int:
-  """The most slots of a row that one rewiring can prune.
-
-  ``floor(f_0 * K)`` for a number ``prune_fraction`` (cosine-decayed, so never
-  above ``f_0``), else ``K`` (a schedule may return anything up to 1, and
-  threshold mode, ``prune_fraction=None``, may prune a whole row). RigL with
-  ``regrowth_candidates`` needs at least this many candidates per row.
-
-  Arguments:
-    fan_in: ``K``.
-    prune_fraction: as given to ``set_topology``.
-
-  Returns:
-    An int in ``[0, K]``.
-  """
-  if not isinstance(fan_in, numbers.Integral) or fan_in < 1:
-    raise ValueError(f"fan_in must be a positive integer, got {fan_in!r}")
-  if isinstance(prune_fraction, numbers.Real):
-    # In float32, as prune_smallest counts.
-    return int(np.floor(np.float32(prune_fraction) * np.float32(fan_in)))
-  return int(fan_in)
-
-
 def set_topology(
     inner: optax.GradientTransformation,
     *,
@@ -188,7 +152,8 @@ def set_topology(
     key: PRNG key for the random regrowth; update ``t`` uses
       ``fold_in(key, t)``, so the same key gives the same topology.
     interval: rewire every ``interval`` updates.
-    end_step: last update that may rewire (the SPEC suggests ~2/3 of training).
+    end_step: last update that may rewire (about 2/3 of training: ``docs/methods.md``,
+      "SET and RigL rewiring").
     prune_fraction: ``f_0`` or a schedule ``t -> f_t``. A number is
       cosine-decayed, ``f_t = f_0 (1 + cos(pi t / end_step)) / 2``.
     prune_threshold: ``h_0`` or a schedule, cosine-decayed the same way. Give
@@ -235,50 +200,32 @@ def set_topology(
       slot is scored by ``|gradient of its value|`` from ``grads``, the
       union ordered by (score descending, column ascending), and the j-th
       pruned slot (in slot order) takes the j-th best: exactly
-      ``rigl_regrowth_columns`` as long as ``R`` is at least the slots a row
-      prunes, so ``R >= max_pruned_per_row(K, prune_fraction)`` is checked
+      ``sparsejax.rigl_regrowth_columns`` as long as ``R`` is at least the
+      slots a row prunes, so ``R >= sparsejax.rewiring.max_pruned_per_row(K,
+      prune_fraction)`` is checked
       (``K`` for a schedule or threshold mode). The scores must be on the
       scale of ``grads``: for a loss mixed as ``(1 - a) main + a aux``, where
       the candidates come from the main loss's gradient, scale them by
       ``1 - a``. Work and memory ``O(out (K + R))``; works with ``mesh``.
   """
-  if not isinstance(interval, numbers.Integral) or interval < 1:
-    raise ValueError(f"interval must be a positive integer, got {interval!r}")
-  if not isinstance(end_step, numbers.Integral) or end_step < 0:
-    raise ValueError(f"end_step must be a non-negative integer, got {end_step!r}")
-  if (prune_fraction is None) == (prune_threshold is None):
-    raise ValueError("give exactly one of prune_fraction and prune_threshold "
-                     "(prune_threshold needs prune_fraction=None)")
-  if isinstance(prune_fraction, numbers.Real) and not 0 <= prune_fraction <= 1:
-    raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
-  if regrowth not in ("random", "rigl"):
-    raise ValueError(f"regrowth must be 'random' or 'rigl', got {regrowth!r}")
-  if mesh is not None:
-    if not isinstance(mesh, Mesh) or row_axis not in mesh.axis_names:
-      raise ValueError(f"mesh must be a jax.sharding.Mesh with a '{row_axis}' axis (row_axis), "
-                       f"got {mesh!r}")
+  _check_arguments(interval, end_step, prune_fraction, prune_threshold, regrowth, mesh, row_axis)
   fraction = _as_schedule(prune_fraction, end_step, "prune_fraction")
   threshold = _as_schedule(prune_threshold, end_step, "prune_threshold")
   inner = optax.with_extra_args_support(inner)
+  shard_rows = functools.partial(_shard_rows, mesh=mesh, row_axis=row_axis)
+  regrowth_key = key if regrowth == "random" else None
 
-  row_sharding = None if mesh is None else NamedSharding(mesh, P(row_axis))
-
-  def shard_rows(x):
-    return x if mesh is None else lax.with_sharding_constraint(x, row_sharding)
-
-  def shard_moments(inner_state, layers):
-    if mesh is None:
-      return inner_state
-    values = {(*path, _tree.values_key(layer)): _tree.field(layer, "values")
-              for path, layer in layers}
-    return _map_moments(inner_state, values, lambda leaf, _: shard_rows(leaf))
+  def prune(step):  # rewire_layer's pruning rule at update ``step``
+    if fraction is not None:
+      return {"prune_fraction": fraction(step)}
+    return {"prune_threshold": threshold(step)}
 
   def init_fn(params):
     layers = _tree.sparse_layers(params)
     _check_rows(layers, mesh, row_axis)
     inner_state = inner.init(_strip_indices(*_tree.flatten_layers(params)))
     return SetTopologyState(count=jnp.zeros((), jnp.int32),
-                            inner_state=shard_moments(inner_state, layers))
+                            inner_state=_shard_moments(inner_state, layers, mesh, row_axis))
 
   def update_fn(updates, state, params=None, *, rewire=None, layer_io=None,
                 regrowth_candidates=None, **extra_args):
@@ -299,10 +246,16 @@ def set_topology(
     if rewire is False:
       new_indices, pruned_slots = old_indices, None
     else:
-      new_indices, pruned_slots = rewire_all(
-          layers, old_indices, [leaves[i] for i in positions],
-          [update_leaves[i] for i in positions], [grad_leaves[i] for i in positions], step,
-          layer_io, regrowth_candidates)
+      regrow = _regrowth_inputs(regrowth, layers, [grad_leaves[i] for i in positions], layer_io,
+                                regrowth_candidates, in_features, prune_fraction, mesh)
+      # Pruning ranks the weights this step would produce.
+      stepped = [_tree.field(leaves[i], "values") + _tree.field(update_leaves[i], "values")
+                 for i in positions]
+      new_indices, pruned_slots = lax.cond(
+          is_rewire_step(step, interval=interval, end_step=end_step),
+          lambda stepped: _rewire_layers(old_indices, stepped, step, *regrow, prune=prune,
+                                         key=regrowth_key, mesh=mesh, row_axis=row_axis),
+          lambda stepped: (old_indices, [jnp.zeros(w.shape, bool) for w in stepped]), stepped)
 
     out_leaves, resets = list(update_leaves), {}
     for n, (i, (path, layer), indices) in enumerate(zip(positions, layers, old_indices)):
@@ -318,74 +271,8 @@ def set_topology(
                                            indices=shard_rows(index_update))
     inner_state = _map_moments(inner_state, resets,
                                lambda leaf, mask: jnp.where(mask, jnp.zeros((), leaf.dtype), leaf))
-    inner_state = shard_moments(inner_state, layers)
+    inner_state = _shard_moments(inner_state, layers, mesh, row_axis)
     return treedef.unflatten(out_leaves), SetTopologyState(step, inner_state)
-
-  def rewire_all(layers, old_indices, layer_params, layer_updates, layer_grads, step, layer_io,
-                 regrowth_candidates):
-    """``(new indices, pruned)`` of every layer, under ``lax.cond(is_rewire_step(step))``."""
-    names = [_tree.path_name(path) for path, _ in layers]
-    # Per-row RigL inputs, split by rows with the layer: (value grads, columns, scores).
-    rows_in = [()] * len(layers)
-    if regrowth == "random":
-      sizes = [_in_features(layer, name, in_features) for (_, layer), name in zip(layers, names)]
-    elif regrowth_candidates is not None:
-      if layer_io is not None:
-        raise ValueError("set_topology: give layer_io or regrowth_candidates, not both")
-      candidates = _check_candidates(regrowth_candidates, layers, names, prune_fraction)
-      rows_in = [(_tree.field(grads, "values"), *c) for grads, c in zip(layer_grads, candidates)]
-    elif mesh is not None:
-      raise ValueError("set_topology: regrowth='rigl' with a mesh needs regrowth_candidates= "
-                       "(split by rows like the values) in update(); layer_io's dense-gradient "
-                       "scores would need every row's gradient on each device")
-    else:
-      io = _check_layer_io(layer_io, layers, names)
-    # Pruning ranks the weights this step would produce.
-    stepped = [_tree.field(p, "values") + _tree.field(u, "values")
-               for p, u in zip(layer_params, layer_updates)]
-
-    def rewire_layer(n, indices, w, step, first_row, rows_in):
-      """Layer ``n``'s ``(new indices, pruned)`` for its rows from global row ``first_row``."""
-      if fraction is not None:
-        select = lambda w: prune_smallest(w, fraction(step))
-      else:
-        select = lambda w: jnp.abs(w.astype(jnp.float32)) < threshold(step)
-      if regrowth == "random":
-        layer_key = jax.random.fold_in(jax.random.fold_in(key, step), n)
-        regrow = lambda start, idx, pruned: _draw_columns(
-            layer_key, idx, pruned, sizes[n], first_row + start, all_free=False)
-      elif rows_in:
-        regrow = lambda start, idx, pruned: _rigl_from_candidates(
-            idx, pruned, *(lax.dynamic_slice_in_dim(a, start, idx.shape[0]) for a in rows_in))
-      else:
-        x, g = io[n]
-        g = g.reshape(-1, indices.shape[0])
-        regrow = lambda start, idx, pruned: rigl_regrowth_columns(
-            idx, pruned, x, lax.dynamic_slice_in_dim(g, start, idx.shape[0], axis=1))
-      return _rewire_rows(select, regrow, indices, w)
-
-    def rewire(stepped):
-      new_indices, pruned_slots = [], []
-      for n, (indices, w) in enumerate(zip(old_indices, stepped)):
-        if mesh is None:
-          new, pruned = rewire_layer(n, indices, w, step, 0, rows_in[n])
-        else:
-          # Each device rewires its own rows; the step enters replicated.
-          def local(indices, w, step, rows_in, n=n):
-            first_row = lax.axis_index(row_axis) * indices.shape[0]
-            return rewire_layer(n, indices, w, step, first_row, rows_in)
-          new, pruned = jax.shard_map(
-              local, mesh=mesh, in_specs=(P(row_axis), P(row_axis), P(), P(row_axis)),
-              out_specs=(P(row_axis), P(row_axis)))(indices, w, step, rows_in[n])
-        new_indices.append(new)
-        pruned_slots.append(pruned)
-      return new_indices, pruned_slots
-
-    def keep(stepped):
-      return old_indices, [jnp.zeros(w.shape, bool) for w in stepped]
-
-    return lax.cond(is_rewire_step(step, interval=interval, end_step=end_step), rewire, keep,
-                    stepped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -431,85 +318,96 @@ def _flatten_params_and_grads(params, grads, caller: str):
   return leaves, grad_leaves, treedef
 
 
-def prune_smallest(w: jax.Array, fraction: jax.Array) -> jax.Array:
-  """Marks the ``floor(fraction * K)`` smallest ``|w|`` of each row of ``(out, K)`` ``w``.
+def _check_arguments(interval, end_step, prune_fraction, prune_threshold, regrowth, mesh,
+                     row_axis) -> None:
+  """Raises ``ValueError`` for ``set_topology`` arguments out of their range."""
+  if not isinstance(interval, numbers.Integral) or interval < 1:
+    raise ValueError(f"interval must be a positive integer, got {interval!r}")
+  if not isinstance(end_step, numbers.Integral) or end_step < 0:
+    raise ValueError(f"end_step must be a non-negative integer, got {end_step!r}")
+  if (prune_fraction is None) == (prune_threshold is None):
+    raise ValueError("give exactly one of prune_fraction and prune_threshold "
+                     "(prune_threshold needs prune_fraction=None)")
+  if isinstance(prune_fraction, numbers.Real) and not 0 <= prune_fraction <= 1:
+    raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction!r}")
+  if regrowth not in ("random", "rigl"):
+    raise ValueError(f"regrowth must be 'random' or 'rigl', got {regrowth!r}")
+  if mesh is not None:
+    if not isinstance(mesh, Mesh) or row_axis not in mesh.axis_names:
+      raise ValueError(f"mesh must be a jax.sharding.Mesh with a '{row_axis}' axis (row_axis), "
+                       f"got {mesh!r}")
 
-  Ties prune the lower slot first. Returns a bool ``(out, K)`` mask.
+
+def _shard_rows(x, *, mesh, row_axis):
+  """``x`` constrained to ``PartitionSpec(row_axis)`` of ``mesh``; as it is without a mesh."""
+  if mesh is None:
+    return x
+  return lax.with_sharding_constraint(x, NamedSharding(mesh, P(row_axis)))
+
+
+def _shard_moments(inner_state, layers, mesh, row_axis):
+  """The inner state with each leaf that mirrors a layer's values split by rows like them."""
+  if mesh is None:
+    return inner_state
+  values = {(*path, _tree.values_key(layer)): _tree.field(layer, "values")
+            for path, layer in layers}
+  return _map_moments(inner_state, values,
+                      lambda leaf, _: _shard_rows(leaf, mesh=mesh, row_axis=row_axis))
+
+
+def _regrowth_inputs(regrowth, layers, layer_grads, layer_io, regrowth_candidates, in_features,
+                     prune_fraction, mesh):
+  """Per layer, the regrowth arguments of ``rewire_layer``, checked: ``(by_rows, fixed)``.
+
+  ``by_rows[n]`` holds layer ``n``'s arrays with a row per layer row (split
+  over the mesh with the layer), ``fixed[n]`` the rest.
   """
-  fan_in = w.shape[1]
-  magnitude = jnp.abs(w.astype(jnp.float32))
-  # Non-negative floats order as their bits (NaN, made canonical, last as in a sort),
-  # so one integer sort per row gives the count-th smallest, ``kth``; the stable
-  # order prunes every smaller |w|, then the first slots equal to ``kth``.
-  bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(magnitude), jnp.nan, magnitude),
-                                  jnp.int32)
-  count = jnp.floor(jnp.asarray(fraction, jnp.float32) * fan_in).astype(jnp.int32)
-  kth = lax.dynamic_index_in_dim(jnp.sort(bits, axis=1), jnp.clip(count - 1, 0, fan_in - 1),
-                                 axis=1)
-  less, tie = bits < kth, bits == kth
-  ties_pruned = count - jnp.sum(less, axis=1, keepdims=True)
-  return (count > 0) & (less | (tie & (jnp.cumsum(tie, axis=1) <= ties_pruned)))
+  names = [_tree.path_name(path) for path, _ in layers]
+  none = [{} for _ in layers]
+  if regrowth == "random":
+    return none, [{"in_features": _in_features(layer, name, in_features)}
+                  for (_, layer), name in zip(layers, names)]
+  if regrowth_candidates is not None:
+    if layer_io is not None:
+      raise ValueError("set_topology: give layer_io or regrowth_candidates, not both")
+    candidates = _check_candidates(regrowth_candidates, layers, names, prune_fraction)
+    return [{"value_grads": _tree.field(grads, "values"), "candidates": c}
+            for grads, c in zip(layer_grads, candidates)], none
+  if mesh is not None:
+    raise ValueError("set_topology: regrowth='rigl' with a mesh needs regrowth_candidates= "
+                     "(split by rows like the values) in update(); layer_io's dense-gradient "
+                     "scores would need every row's gradient on each device")
+  return none, [{"layer_io": xg} for xg in _check_layer_io(layer_io, layers, names)]
 
 
-def rigl_regrowth_columns(indices: jax.Array, pruned: jax.Array, x: jax.Array,
-                          g: jax.Array) -> jax.Array:
-  """RigL: refill pruned slots with the largest ``|dense gradient|`` columns of their row.
+def _rewire_layers(old_indices, stepped, step, by_rows, fixed, *, prune, key, mesh, row_axis):
+  """``(new indices, pruned)`` of every layer: ``rewire_layer`` on each (device's) rows.
 
-  The dense gradient of the loss w.r.t. the full ``(in, out)`` weight is
-  ``x^T g``. It is formed in blocks of output rows, so no ``(in, out)`` array
-  exists; within a row the kept columns are excluded and the j-th pruned slot
-  (in slot order) gets the j-th largest remaining score.
-
-  Arguments:
-    indices: ``(out, K)`` current columns.
-    pruned: ``(out, K)`` bool, the slots to refill.
-    x: the layer's input, ``(..., in)``.
-    g: the loss gradient w.r.t. the layer's output, ``(..., out)``.
-
-  Returns:
-    ``(out, K)`` int32 columns.
+  ``stepped`` are the weights the step would produce, ``prune(step)`` the
+  pruning argument of ``rewire_layer``, ``key`` that of the random regrowth
+  (None for RigL), ``by_rows`` and ``fixed`` as from ``_regrowth_inputs``.
   """
-  out, fan_in = indices.shape
-  in_features = x.shape[-1]
-  xt = x.reshape(-1, in_features).T.astype(jnp.float32)
-  g = g.reshape(-1, out).astype(jnp.float32)
-  indices = indices.astype(jnp.int32)
-  block = max(1, min(out, _RIGL_BLOCK_ELEMENTS // in_features))
+  def rewire_one(n, indices, w, step, by_rows, first_row):
+    if key is not None:  # row u of layer n draws from (key, step, n, u) alone
+      by_rows = dict(key=jax.random.fold_in(jax.random.fold_in(key, step), n),
+                     first_row=first_row)
+    return rewire_layer(indices, w, **prune(step), **by_rows, **fixed[n])
 
-  def refill_block(start, size, cols):
-    idx = lax.dynamic_slice_in_dim(indices, start, size)
-    pr = lax.dynamic_slice_in_dim(pruned, start, size)
-    rows = jnp.arange(size)[:, None]
-    score = jnp.abs(xt @ lax.dynamic_slice_in_dim(g, start, size, axis=1)).T  # (size, in)
-    score = score.at[rows, idx].set(jnp.where(pr, score[rows, idx], -jnp.inf))
-    _, candidates = lax.top_k(score, fan_in)
-    return lax.dynamic_update_slice_in_dim(cols, fill_free_slots(idx, pr, candidates), start, 0)
-
-  return _over_row_chunks(refill_block, out, block, indices)
-
-
-def _rewire_rows(select, regrow, indices, w):
-  """``(new indices, pruned)`` of one layer, rewired block by block of rows.
-
-  ``select(w_block) -> pruned_block`` and ``regrow(start, indices_block,
-  pruned_block) -> columns`` see ``_rewire_block_elements()`` slots at a time,
-  so on CPU the per-row sorts and draws need scratch for one block, not a dozen
-  ``(out, K)`` arrays (which, at 500k labels, outweighed the classifier itself);
-  on GPU/TPU the few large blocks keep that bounded too.
-  """
-  out, fan_in = indices.shape
-
-  def block(start, size, carry):
-    new, pruned = carry
-    idx = lax.dynamic_slice_in_dim(indices, start, size)
-    dropped = select(lax.dynamic_slice_in_dim(w, start, size))
-    cols = regrow(start, idx, dropped).astype(indices.dtype)
-    return (lax.dynamic_update_slice_in_dim(new, cols, start, 0),
-            lax.dynamic_update_slice_in_dim(pruned, dropped, start, 0))
-
-  rows = max(1, min(out, _rewire_block_elements() // fan_in))
-  carry = varying_like((indices, jnp.zeros(indices.shape, bool)), indices, w)
-  return _over_row_chunks(block, out, rows, carry)
+  new_indices, pruned_slots = [], []
+  for n, (indices, w) in enumerate(zip(old_indices, stepped)):
+    if mesh is None:
+      new, pruned = rewire_one(n, indices, w, step, by_rows[n], 0)
+    else:
+      # Each device rewires its own rows; the step enters replicated.
+      def local(indices, w, step, rows_in, n=n):
+        return rewire_one(n, indices, w, step, rows_in,
+                          lax.axis_index(row_axis) * indices.shape[0])
+      new, pruned = jax.shard_map(
+          local, mesh=mesh, in_specs=(P(row_axis), P(row_axis), P(), P(row_axis)),
+          out_specs=(P(row_axis), P(row_axis)))(indices, w, step, by_rows[n])
+    new_indices.append(new)
+    pruned_slots.append(pruned)
+  return new_indices, pruned_slots
 
 
 def _strip_indices(leaves, treedef):
@@ -569,11 +467,7 @@ def _check_layer_io(layer_io, layers, names):
                      "{name: RegrowthCandidates(columns, scores)} in update() on every update "
                      f"that may rewire (rewire=None); layers: {names}")
   io = []
-  for (_, layer), name in zip(layers, names):
-    if name not in layer_io:
-      raise ValueError(f"layer_io has no entry for sparse layer '{name}' "
-                       f"(has {sorted(layer_io)})")
-    x, g = layer_io[name]
+  for layer, name, (x, g) in _entries(layer_io, "layer_io", layers, names):
     out = _tree.field(layer, "values").shape[0]
     if jnp.shape(g)[-1:] != (out,) or jnp.shape(x)[:-1] != jnp.shape(g)[:-1]:
       raise ValueError(f"layer_io['{name}']: x {jnp.shape(x)} and g {jnp.shape(g)} must be "
@@ -588,11 +482,8 @@ def _check_layer_io(layer_io, layers, names):
 def _check_candidates(regrowth_candidates, layers, names, prune_fraction):
   """The ``(columns, scores)`` of each layer: ``(out, R)`` each, enough of them per row."""
   candidates = []
-  for (_, layer), name in zip(layers, names):
-    if name not in regrowth_candidates:
-      raise ValueError(f"regrowth_candidates has no entry for sparse layer '{name}' "
-                       f"(has {sorted(regrowth_candidates)})")
-    columns, scores = regrowth_candidates[name]
+  for layer, name, (columns, scores) in _entries(regrowth_candidates, "regrowth_candidates",
+                                                 layers, names):
     out, fan_in = _tree.field(layer, "values").shape
     if jnp.ndim(columns) != 2 or jnp.shape(columns)[0] != out or (
         jnp.shape(scores) != jnp.shape(columns)):
@@ -612,18 +503,10 @@ def _check_candidates(regrowth_candidates, layers, names, prune_fraction):
   return candidates
 
 
-def _rigl_from_candidates(indices, pruned, value_grads, columns, scores):
-  """RigL's new ``(rows, K)`` int32 columns from per-row candidates (see ``set_topology``).
-
-  The pruned slots, scored by ``|value_grads|``, and the candidates with a
-  finite score compete by (score descending, column ascending); the j-th
-  pruned slot takes the j-th. The kept slots and unused (``-inf``) candidates
-  sort last, behind at least as many eligible entries as there are pruned
-  slots, so no kept column is ever chosen twice.
-  """
-  eligible = jnp.concatenate([pruned, scores > -jnp.inf], axis=1)
-  score = jnp.concatenate([jnp.abs(value_grads.astype(jnp.float32)),
-                           scores.astype(jnp.float32)], axis=1)
-  cols = jnp.concatenate([indices.astype(jnp.int32), columns.astype(jnp.int32)], axis=1)
-  _, _, ranked = lax.sort((~eligible, -score, cols), dimension=1, num_keys=3)
-  return fill_free_slots(indices, pruned, ranked)
+def _entries(per_layer, argument, layers, names):
+  """``(layer, name, per_layer[name])`` for each sparse layer, which must all have an entry."""
+  for (_, layer), name in zip(layers, names):
+    if name not in per_layer:
+      raise ValueError(f"{argument} has no entry for sparse layer '{name}' "
+                       f"(has {sorted(per_layer)})")
+    yield layer, name, per_layer[name]

@@ -11,7 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import sparsejax as sj
-from conftest import rel_err
+from _reference import rel_err
 
 # (batch shape, in, out, K, index dtype)
 CASES = [

@@ -10,7 +10,7 @@ import pytest
 from jax.experimental import checkify
 
 import sparsejax as sj
-from conftest import dense_reference, rel_err
+from _reference import dense_reference, rel_err
 
 
 @pytest.mark.parametrize("n_in, n_out, k", [(10, 500, 1), (10, 500, 4), (10, 500, 6),

@@ -13,6 +13,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 import sparsejax as sj
+from _reference import fanin_reference, finite_rel_err
 from sparsejax.kernels import fanin
 
 _ENTROPY = np.random.SeedSequence().entropy  # fresh inputs every run; printed on failure
@@ -34,23 +35,6 @@ def _case(in_features, out, fan_in, batch, dtype, index_dtype, collide=False):
           jnp.asarray(g, dtype))
 
 
-def _reference(x, values, indices, g):
-  """float64 forward, dvalues and dx through the dense (in, out) matrix."""
-  x, values, g = (np.asarray(a, np.float64) for a in (x, values, g))
-  idx = np.asarray(indices).astype(np.int64)
-  out = values.shape[0]
-  w = np.zeros((x.shape[1], out))
-  np.add.at(w, (idx, np.arange(out)[:, None]), values)
-  dense_grad = x.T @ g
-  return x @ w, dense_grad[idx, np.arange(out)[:, None]], g @ w.T
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  assert np.isfinite(a).all(), "non-finite output: an element was not written (or overflow)"
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
 _CASES = [
     # in, out, K, batch: ragged rows and batch; exact block multiples; K = in; K = 1 and
     # batch 1; in > 65536 with int32 indices.
@@ -67,12 +51,12 @@ def test_kernels_match_float64_reference(in_features, out, fan_in, batch, dtype)
   y = fanin.fanin_forward(x, values, indices, **blocks)
   dvalues = fanin.fanin_dvalues(x, g, indices, values_dtype=values.dtype, **blocks)
   dx = fanin.fanin_dx(g, values, indices, in_features=in_features, chunk=8, **blocks)
-  y_ref, dvalues_ref, dx_ref = _reference(x, values, indices, g)
+  y_ref, dvalues_ref, dx_ref = fanin_reference(x, values, indices, g)
   tol = _TOL[dtype]
   assert y.dtype == dtype and y.shape == (batch, out)
   assert dvalues.dtype == dtype and dvalues.shape == values.shape
   assert dx.dtype == jnp.float32 and dx.shape == x.shape
-  errors = {name: _rel(got, want) for name, got, want in
+  errors = {name: finite_rel_err(got, want) for name, got, want in
             (("y", y, y_ref), ("dvalues", dvalues, dvalues_ref), ("dx", dx, dx_ref))}
   assert max(errors.values()) < tol, (errors, "entropy", _ENTROPY)
 
@@ -82,8 +66,8 @@ def test_dx_with_heavily_colliding_indices():
   x, values, indices, g = _case(16, 200, 4, 24, jnp.float32, jnp.uint16, collide=True)
   dx = fanin.fanin_dx(g, values, indices, in_features=16, interpret=_INTERPRET, tuning=_SMALL,
                       chunk=8)
-  _, _, dx_ref = _reference(x, values, indices, g)
-  assert _rel(dx, dx_ref) < 1e-5, _ENTROPY
+  _, _, dx_ref = fanin_reference(x, values, indices, g)
+  assert finite_rel_err(dx, dx_ref) < 1e-5, _ENTROPY
   assert not np.any(np.asarray(dx)[:, 4:])  # untouched columns stay exactly zero
 
 
@@ -134,5 +118,5 @@ def test_sorted_topology_reused_across_calls(collide):
   assert np.all(np.diff(flat[np.asarray(order)]) >= 0)  # slots in column order
   dx = fanin.fanin_dx_sorted(g, values, order, col_ptr, interpret=_INTERPRET, tuning=_SMALL,
                              chunk=8)
-  _, _, dx_ref = _reference(x, values, indices, g)
-  assert _rel(dx, dx_ref) < 1e-5, _ENTROPY
+  _, _, dx_ref = fanin_reference(x, values, indices, g)
+  assert finite_rel_err(dx, dx_ref) < 1e-5, _ENTROPY

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _reference import fanin_reference, finite_rel_err
 from sparsejax.kernels import fanin_tile
 
 _ENTROPY = np.random.SeedSequence().entropy  # fresh inputs every run; printed on failure
@@ -34,27 +35,11 @@ def _case(in_features, out, fan_in, batch, dtype, index_dtype, rng=None):
           jnp.asarray(g, dtype))
 
 
-def _reference(x, values, indices, g):
-  """float64 forward, dx and dvalues through the dense (in, out) matrix."""
-  x, values, g = (np.asarray(a, np.float64) for a in (x, values, g))
-  idx = np.asarray(indices).astype(np.int64)
-  out = values.shape[0]
-  w = np.zeros((x.shape[1], out))
-  np.add.at(w, (idx, np.arange(out)[:, None]), values)
-  return x @ w, g @ w.T, (x.T @ g)[idx, np.arange(out)[:, None]]
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  assert np.isfinite(a).all(), "non-finite output: an element was not written (or overflow)"
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
 def _run(x, values, indices, g, tuning=_SMALL):
   y = fanin_tile.tile_forward(x, values, indices, interpret=_INTERPRET, tuning=tuning)
   dx, dvalues = fanin_tile.tile_backward(x, g, values, indices, interpret=_INTERPRET,
                                          tuning=fanin_tile.BackwardTuning(tuning, tuning))
-  return y, dx, dvalues
+  return y, dvalues, dx
 
 
 _CASES = [
@@ -72,12 +57,12 @@ _CASES = [
 def test_tile_kernels_match_float64_reference(in_features, out, fan_in, batch, index_dtype,
                                               tuning, dtype):
   x, values, indices, g = _case(in_features, out, fan_in, batch, dtype, index_dtype)
-  y, dx, dvalues = _run(x, values, indices, g, tuning)
+  y, dvalues, dx = _run(x, values, indices, g, tuning)
   assert y.dtype == dtype and y.shape == (batch, out)
   assert dx.dtype == jnp.float32 and dx.shape == x.shape
   assert dvalues.dtype == jnp.float32 and dvalues.shape == values.shape
-  errors = {name: _rel(got, want) for name, got, want in
-            zip(("y", "dx", "dvalues"), (y, dx, dvalues), _reference(x, values, indices, g))}
+  errors = {name: finite_rel_err(got, want) for name, got, want in
+            zip(("y", "dvalues", "dx"), (y, dvalues, dx), fanin_reference(x, values, indices, g))}
   assert max(errors.values()) < _TOL[dtype], (errors, "entropy", _ENTROPY)
 
 
@@ -92,18 +77,18 @@ def test_slab_is_restored_between_label_blocks():
   x, values, _, g = _case(in_features, out, fan_in, batch, jnp.float32, jnp.uint16, rng)
   indices = jnp.asarray(np.concatenate([first, rest]), jnp.uint16)
   one = _SMALL._replace(programs=1)
-  for got, want in zip(_run(x, values, indices, g, one), _reference(x, values, indices, g)):
-    assert _rel(got, want) < 1e-5, _ENTROPY
+  for got, want in zip(_run(x, values, indices, g, one), fanin_reference(x, values, indices, g)):
+    assert finite_rel_err(got, want) < 1e-5, _ENTROPY
 
 
 def test_mixed_dtypes_promote():
   # bfloat16 activations with float32 weights: bfloat16 dots, float32 result.
   x, values, indices, g = _case(24, 20, 5, 17, jnp.bfloat16, jnp.uint16)
   values = values.astype(jnp.float32)
-  y, dx, dvalues = _run(x, values, indices, g)
+  y, dvalues, dx = _run(x, values, indices, g)
   assert y.dtype == jnp.float32
-  for got, want in zip((y, dx, dvalues), _reference(x, values, indices, g)):
-    assert _rel(got, want) < 1e-2, _ENTROPY
+  for got, want in zip((y, dvalues, dx), fanin_reference(x, values, indices, g)):
+    assert finite_rel_err(got, want) < 1e-2, _ENTROPY
 
 
 def test_block_sizes_must_be_powers_of_2():

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from test_mvue import _approx_probabilities, _mvue_probabilities, _z_scores
+from _reference import approx_probabilities, mvue_probabilities, z_scores
 
 import sparsejax as sj
 from sparsejax.kernels import nm
-from sparsejax.mvue import _key_data
+from sparsejax.mvue import key_data
 
 _ENTROPY = np.random.SeedSequence().entropy  # fresh inputs every run; printed on failure
 _INTERPRET = os.environ.get("SPARSEJAX_TEST_COMPILED") != "1"
@@ -55,7 +55,7 @@ _MASK_CASES = ([(*nmm, jnp.float32, shape, axis) for nmm in _RANDOM
 def test_mask_kernel_equals_nm_prune(n, m, method, dtype, shape, axis):
   x = _x(shape, dtype, m)
   key = jax.random.key(int(np.random.default_rng(_ENTROPY).integers(2**31)))
-  out = nm.nm_prune_kernel(x, _key_data(key), m=m, method=method, axis=axis,
+  out = nm.nm_prune_kernel(x, key_data(key), m=m, method=method, axis=axis,
                            interpret=_INTERPRET, tuning=_SMALL_MASK)
   assert out.shape == x.shape and out.dtype == x.dtype
   ref = sj.nm_prune(x, key=key, n=n, m=m, method=method, axis=axis)
@@ -70,13 +70,13 @@ def test_mask_kernel_is_unbiased(n, m, method):
   size, draws = 256, 2000
   x = (rng.lognormal(0, 1.5, size) * rng.choice([-1, 1], size)).astype(np.float32)
   samples = np.asarray(nm.nm_prune_kernel(jnp.tile(jnp.asarray(x), (draws, 1)),
-                                          _key_data(jax.random.key(11)), m=m, method=method,
+                                          key_data(jax.random.key(11)), m=m, method=method,
                                           axis=1, interpret=_INTERPRET), np.float64)
   x64 = x.astype(np.float64)
   groups = x64.reshape(-1, m)
-  p = (np.concatenate([_approx_probabilities(g) for g in groups]) if method == "mvue_approx"
-       else np.concatenate([_mvue_probabilities(g, n) for g in groups]))
-  assert _z_scores(x64, samples, p).max() < stats.norm.isf(1e-3 / (2 * size))
+  p = (np.concatenate([approx_probabilities(g) for g in groups]) if method == "mvue_approx"
+       else np.concatenate([mvue_probabilities(g, n) for g in groups]))
+  assert z_scores(x64, samples, p).max() < stats.norm.isf(1e-3 / (2 * size))
   kept = (samples.reshape(draws, -1, m) != 0).sum(-1)
   assert kept.max() == n and kept.min() == n  # no zero entries in x: exactly n per group
 
@@ -92,7 +92,7 @@ def test_fused_weight_grad_matches_float64_reference(n, m, method, dtype, tokens
                                                      splits):
   x, g = _x((tokens, ins), dtype, 1), _x((tokens, outs), dtype, 2)
   key = jax.random.key(int(np.random.default_rng(_ENTROPY).integers(2**31)))
-  dw = nm.pruned_weight_grad(x, g, _key_data(key), m=m, method=method, interpret=_INTERPRET,
+  dw = nm.pruned_weight_grad(x, g, key_data(key), m=m, method=method, interpret=_INTERPRET,
                              tuning=_SMALL_DW._replace(splits=splits))
   assert dw.shape == (ins, outs) and dw.dtype == jnp.float32
   pruned = np.asarray(sj.nm_prune(g, key=key, n=n, m=m, method=method, axis=0), np.float64)

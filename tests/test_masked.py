@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparsejax as sj
-from conftest import rel_err
+from _reference import rel_err
 
 
 def test_init_matches_fixed_fanin_with_same_key():

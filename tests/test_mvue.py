@@ -11,6 +11,7 @@ from scipy import stats
 
 import sparsejax as sj
 from sparsejax.mvue import group_uniforms, prune_groups
+from _reference import approx_probabilities, mvue_probabilities, z_scores
 
 # Groups with zeros, ties, one dominant entry, negatives, tiny and huge values.
 _GROUPS_4 = [
@@ -26,23 +27,6 @@ def _random_groups(m, count, seed):
   g = rng.standard_normal((count, m)) * np.exp(2 * rng.standard_normal((count, m)))
   g[rng.random((count, m)) < 0.2] = 0.0
   return g
-
-
-def _mvue_probabilities(x, n):
-  """Reference inclusion probabilities (numpy, float64) of the MVUE for one group."""
-  a = np.abs(x)
-  total = a.sum()
-  if total == 0:
-    return np.zeros_like(a)
-  if n == 1:
-    return a / total
-  p = 2 * a / total
-  if p.max() > 1:
-    i = int(np.argmax(a))
-    rest = np.delete(a, i).sum()  # not total - a[i], which cancels
-    p = a / rest if rest > 0 else np.zeros_like(a)
-    p[i] = 1.0
-  return p
 
 
 def _breakpoints(x, method):
@@ -97,7 +81,7 @@ def test_exact_expectation_by_enumerating_outcomes(n, m, method):
 def test_mvue_24_variance_is_the_minimum(x):
   probs, out = _enumerate(x, 2, "mvue")
   variance = probs @ ((out - x) ** 2).sum(axis=1)
-  p = _mvue_probabilities(x, 2)
+  p = mvue_probabilities(x, 2)
   keep = p > 0
   formula = float(np.sum(x[keep] ** 2 * (1 / p[keep] - 1)))
   assert variance == pytest.approx(formula, rel=1e-9, abs=1e-12)
@@ -119,23 +103,6 @@ def test_mvue_12_variance_is_2ab(x):
   assert variance == pytest.approx(2 * abs(x[0]) * abs(x[1]), rel=1e-9, abs=1e-12)
 
 
-def _approx_probabilities(x):
-  """Reference inclusion probabilities of drawing 2 of 4 without replacement, p ~ |x|."""
-  a = np.abs(x)
-  t = a / a.sum()
-  rest = np.array([np.delete(a, j).sum() for j in range(len(a))])
-  ratio = np.where(rest > 0, t / np.where(rest > 0, rest, 1), 0)
-  return t + a * (ratio.sum() - ratio)
-
-
-def _z_scores(x, samples, p):
-  """|mean - x| in units of the exact standard error, var = x^2 (1/p - 1) per draw."""
-  variance = np.where(p > 0, x**2 * (1 / np.where(p > 0, p, 1) - 1), 0.0)
-  diff = samples.mean(0) - x
-  se = np.sqrt(variance / len(samples))
-  return np.where(se > 0, np.abs(diff) / np.where(se > 0, se, 1), np.where(diff == 0, 0, np.inf))
-
-
 @pytest.mark.parametrize("n, m, method", [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"),
                                           (1, 2, "greedy"), (2, 4, "greedy")])
 def test_monte_carlo_unbiased_and_greedy_rejected(n, m, method):
@@ -150,9 +117,9 @@ def test_monte_carlo_unbiased_and_greedy_rejected(n, m, method):
   # Standard errors from the exact variance of the unbiased method (greedy is judged
   # against the MVUE's noise level).
   groups = x64.reshape(-1, m)
-  p = (np.concatenate([_approx_probabilities(g) for g in groups]) if method == "mvue_approx"
-       else np.concatenate([_mvue_probabilities(g, n) for g in groups]))
-  worst = _z_scores(x64, samples, p).max()
+  p = (np.concatenate([approx_probabilities(g) for g in groups]) if method == "mvue_approx"
+       else np.concatenate([mvue_probabilities(g, n) for g in groups]))
+  worst = z_scores(x64, samples, p).max()
   if method == "greedy":
     assert worst > bound, worst  # the same test has the power to reject a biased method
   else:
@@ -177,7 +144,7 @@ def test_structure_exact_count_values_and_zero_groups(n, m, method, dtype):
     kept = k != 0
     assert np.all(np.sign(k[kept]) == np.sign(g[kept]))
     if method == "mvue":  # kept entries are x / p with the MVUE p
-      p = _mvue_probabilities(g, n)
+      p = mvue_probabilities(g, n)
       np.testing.assert_allclose(k[kept], g[kept] / p[kept], rtol=1e-2 if dtype == jnp.bfloat16
                                  else 1e-5)
   again = sj.nm_prune(x, key=jax.random.key(0), n=n, m=m, method=method)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparsejax as sj
-from sparsejax import fixed_fanin, topology, xmc
+from sparsejax import rewiring, xmc
 
 B, D, K = 8, 10, 4
 # 37 labels: padded to 38/40 on 2/4/8 label shards; 40 needs no padding on any mesh.
@@ -322,8 +322,8 @@ def test_draws_depend_only_on_key_and_row(in_features, fan_in):
   free = jax.random.bernoulli(jax.random.key(2), 0.5, whole.shape)
   redrawn = np.asarray(sj.draw_columns(whole, free, in_features, key=key))
   for start in (0, 10, 20, 30):  # any block of rows, drawn at its global row offset
-    block = fixed_fanin._draw_columns(key, whole[start:start + 10], free[start:start + 10],
-                                      in_features, start, all_free=False)
+    block = sj.draw_columns(whole[start:start + 10], free[start:start + 10], in_features,
+                            key=key, first_row=start)
     np.testing.assert_array_equal(block, redrawn[start:start + 10])
   # Kept slots unchanged, rows distinct.
   kept = ~np.asarray(free)
@@ -339,7 +339,7 @@ def test_set_rewiring_in_small_blocks_gives_the_same_bits(monkeypatch):
   step = lambda: jax.jit(tx.update)(grads, tx.init(params), params)[0]
   whole = step()
   # Blocks of 3 rows and a 1-row tail, on both draw paths.
-  monkeypatch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 3 * 7)
+  monkeypatch.setattr(rewiring, "_REWIRE_BLOCK_ELEMENTS", 3 * 7)
   blocked = step()
   for got, want in ((blocked["clf"]["indices"], whole["clf"]["indices"]),
                     (blocked["small"].indices, whole["small"].indices)):

@@ -1,4 +1,5 @@
-"""SμPar: the SPEC table, spec inference, scale_by_supar, initialize and the coordinate check."""
+"""SμPar: the table of ``docs/methods.md`` ("SμPar"), spec inference, scale_by_supar, initialize
+and the coordinate check."""
 
 import math
 
@@ -47,8 +48,9 @@ def test_supar_with_density_one_is_mup():
       assert _p("supar").lr_multiplier(spec, optimizer) == _p("mup").lr_multiplier(spec, optimizer)
     assert _p("supar").init_std_of(spec) == _p("mup").init_std_of(spec)
   # A whole training run: identical bits.
-  runs = [coord_check.run(parameterizations=(name,), widths=(256,), densities=(1.0,),
-                                steps=3) for name in ("supar", "mup")]
+  runs = [coord_check.run(coord_check.Config(parameterizations=(name,), widths=(256,),
+                                             densities=(1.0,), steps=3))
+          for name in ("supar", "mup")]
   assert [r["mean_abs"] for r in runs[0]] == [r["mean_abs"] for r in runs[1]]
 
 
@@ -87,8 +89,8 @@ def test_infer_specs_from_nnx_model_and_pytree():
       "norm/bias": ParamSpec("vector"), "norm/scale": ParamSpec("vector"),
       "sparse/bias": ParamSpec("vector"), "sparse/values": ParamSpec("hidden", 8 / 32)}
   key = jax.random.key(0)
-  params = {"a": sj.FixedFanIn.init(64, 16, 4, key=key), "b": sj.MaskedDense.init(16, 8, 2, key=key),
-            "c": jnp.ones((16, 16)), "d": jnp.ones(3)}
+  params = {"a": sj.FixedFanIn.init(64, 16, 4, key=key),
+            "b": sj.MaskedDense.init(16, 8, 2, key=key), "c": jnp.ones((16, 16)), "d": jnp.ones(3)}
   specs = supar.infer_specs(params, densities={"^c$": 0.5})
   assert specs == {"a/values": ParamSpec("hidden", 4 / 64), "a/bias": ParamSpec("vector"),
                    "b/weight": ParamSpec("hidden", 2 / 16), "b/bias": ParamSpec("vector"),
@@ -171,13 +173,13 @@ def test_initialize_draws_each_role_with_its_std():
 
 def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
   densities = (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-  rows = coord_check.run(parameterizations=("sp", "supar"), widths=(256,),
-                               densities=densities, seeds=3)
+  rows = coord_check.run(coord_check.Config(parameterizations=("sp", "supar"), widths=(256,),
+                                            densities=densities, seeds=3))
   worst = supar.coord_check_drift(rows, width=256, density=1)
   assert worst["supar"] < 1.2, worst
   assert worst["sp"] > 1.2, worst  # SP drifts: the same check can fail
-  rows = coord_check.run(parameterizations=("sp", "supar"), widths=(128, 512),
-                               densities=(0.25,), seeds=3)
+  rows = coord_check.run(coord_check.Config(parameterizations=("sp", "supar"), widths=(128, 512),
+                                            densities=(0.25,), seeds=3))
   worst = supar.coord_check_drift(rows, width=128, density=0.25)
   assert worst["supar"] < 1.2, worst
   assert worst["sp"] > 1.2, worst
@@ -186,8 +188,8 @@ def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
 
 
 def test_coord_check_script_writes_csv_and_plot(tmp_path):
-  rows = coord_check.run(widths=(64,), base_width=64, densities=(1, 0.25), steps=1,
-                               layer="masked", batch=32)
+  rows = coord_check.run(coord_check.Config(widths=(64,), base_width=64, densities=(1, 0.25),
+                                            steps=1, layer="masked", batch=32))
   assert {r["layer"] for r in rows} == {"embed", "hidden_0", "hidden_1", "output"}
   assert len(rows) == 3 * 2 * 2 * 4  # parameterizations x densities x steps x layers
   coord_check.write_csv(rows, tmp_path / "c.csv")

@@ -25,7 +25,7 @@ _WIDTH, _BASE, _S, _ATTENTION, _MLP = 32, 8, 0.05, 0.5, 0.125
 
 
 def _spec_table(name, role, rho):
-  """(init std, Adam LR multiplier) straight from SPEC section 2."""
+  """(init std, Adam LR multiplier) straight from the table of ``docs/methods.md``, "SμPar"."""
   m_d = _WIDTH / _BASE
   if role != "hidden":
     return _S, 1.0

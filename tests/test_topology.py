@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import sparsejax as sj
-from sparsejax import topology
+from sparsejax import rewiring, topology
 
 
 def _loss(params, x, y):
@@ -144,13 +144,67 @@ def test_draw_columns_rejects_bad_input():
     sj.draw_columns(indices.astype(jnp.float32), free, 8, key=jax.random.key(0))
 
 
+def test_draw_columns_in_blocks_and_the_all_free_draw():
+  # A block of rows drawn at its global first_row is that block of the whole draw; the
+  # all-free draw is draw_columns with every slot free, once sorted.
+  key = jax.random.key(5)
+  for in_features, fan_in in ((24, 6), (10, 7)):  # redraw / dense draw
+    whole = sj.random_topology(in_features, 30, fan_in, jnp.int32, key=jax.random.key(1))
+    free = jax.random.bernoulli(jax.random.key(2), 0.5, whole.shape)
+    redrawn = sj.draw_columns(whole, free, in_features, key=key)
+    for start in (0, 10, 20):
+      rows = slice(start, start + 10)
+      np.testing.assert_array_equal(
+          sj.draw_columns(whole[rows], free[rows], in_features, key=key, first_row=start),
+          redrawn[rows])
+    everything = jnp.ones_like(free)
+    np.testing.assert_array_equal(
+        rewiring.draw_all_columns(in_features, 30, fan_in, key=key),
+        jnp.sort(sj.draw_columns(whole, everything, in_features, key=key), axis=1))
+
+
+def test_rewire_layer_is_prune_then_regrow():
+  layer = _setup(24, 37, 6, seed=2)
+  key = jax.random.key(3)
+  for prune, pruned_want in (
+      (dict(prune_fraction=0.5), rewiring.prune_smallest(layer.values, 0.5)),
+      (dict(prune_threshold=0.5), jnp.abs(layer.values) < 0.5)):
+    # Blocks of 5 rows and a ragged tail: the same as the whole layer at once.
+    new, pruned = rewiring.rewire_layer(layer.indices, layer.values, **prune, key=key,
+                                        in_features=24, block_elements=5 * 6)
+    np.testing.assert_array_equal(pruned, pruned_want)
+    assert new.dtype == layer.indices.dtype
+    np.testing.assert_array_equal(new, sj.draw_columns(layer.indices, pruned, 24, key=key))
+
+
+def test_rewire_layer_argument_errors():
+  layer = _setup(10, 4, 3)
+  rewire = lambda **kwargs: rewiring.rewire_layer(layer.indices, kwargs.pop("w", layer.values),
+                                                  **kwargs)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="exactly one of prune_fraction and prune_threshold"):
+    rewire(key=key, in_features=10)
+  with pytest.raises(ValueError, match="exactly one of prune_fraction and prune_threshold"):
+    rewire(prune_fraction=0.5, prune_threshold=0.1, key=key, in_features=10)
+  with pytest.raises(ValueError, match="exactly one regrowth source"):
+    rewire(prune_fraction=0.5)
+  with pytest.raises(ValueError, match="exactly one regrowth source"):
+    rewire(prune_fraction=0.5, key=key, layer_io=(jnp.ones((2, 10)), jnp.ones((2, 4))))
+  with pytest.raises(ValueError, match="needs in_features"):
+    rewire(prune_fraction=0.5, key=key)
+  with pytest.raises(ValueError, match="needs value_grads"):
+    rewire(prune_fraction=0.5, candidates=(layer.indices, layer.values))
+  with pytest.raises(ValueError, match="shape"):
+    rewire(w=layer.values[:2], prune_fraction=0.5, key=key, in_features=10)
+
+
 def test_rigl_regrowth_matches_dense_gradient():
   in_features, out, k, batch = 30, 17, 5, 9
   layer = _setup(in_features, out, k, seed=3)
   x = jax.random.normal(jax.random.key(1), (batch, in_features))
   g = jax.random.normal(jax.random.key(2), (batch, out))
   pruned = jax.random.bernoulli(jax.random.key(4), 0.4, (out, k))
-  new = np.asarray(topology.rigl_regrowth_columns(layer.indices, pruned, x, g))
+  new = np.asarray(rewiring.rigl_regrowth_columns(layer.indices, pruned, x, g))
   dense = np.abs(np.asarray(x, np.float64).T @ np.asarray(g, np.float64))  # (in, out)
   idx, pruned = np.asarray(layer.indices), np.asarray(pruned)
   for u in range(out):
@@ -166,9 +220,9 @@ def test_rigl_in_blocks_equals_one_block(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (6, 20))
   g = jax.random.normal(jax.random.key(2), (6, 37))
   pruned = jax.random.bernoulli(jax.random.key(4), 0.5, (37, 4))
-  whole = topology.rigl_regrowth_columns(layer.indices, pruned, x, g)
-  monkeypatch.setattr(topology, "_RIGL_BLOCK_ELEMENTS", 20 * 5)  # blocks of 5 rows + tail
-  np.testing.assert_array_equal(topology.rigl_regrowth_columns(layer.indices, pruned, x, g),
+  whole = rewiring.rigl_regrowth_columns(layer.indices, pruned, x, g)
+  monkeypatch.setattr(rewiring, "_RIGL_BLOCK_ELEMENTS", 20 * 5)  # blocks of 5 rows + tail
+  np.testing.assert_array_equal(rewiring.rigl_regrowth_columns(layer.indices, pruned, x, g),
                                 whole)
 
 
@@ -183,7 +237,7 @@ def test_rigl_through_the_transform_and_layer_io_errors():
   updates, _ = jax.jit(tx.update)(grads, state, params, layer_io={"clf": (x, g)})
   new = optax.apply_updates(params, updates)["clf"]
   pruned = np.asarray(new.values == 0)
-  want = topology.rigl_regrowth_columns(params["clf"].indices, pruned, x, g)
+  want = rewiring.rigl_regrowth_columns(params["clf"].indices, pruned, x, g)
   np.testing.assert_array_equal(new.indices, want)
   with pytest.raises(ValueError, match="needs layer_io"):
     tx.update(grads, state, params)
@@ -211,7 +265,7 @@ def test_rewiring_in_row_blocks(monkeypatch, regrowth):
     return optax.apply_updates(params, updates)["clf"]
 
   whole = step()
-  monkeypatch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 3 * 4)
+  monkeypatch.setattr(rewiring, "_REWIRE_BLOCK_ELEMENTS", 3 * 4)
   blocked = step()
   idx = np.asarray(blocked.indices)
   assert all(len(set(row)) == 4 for row in idx.tolist()) and idx.max() < 24
@@ -376,7 +430,7 @@ def test_rigl_candidates_equal_layer_io(monkeypatch, in_features, out, k, fracti
               else dict(prune_fraction=None, prune_threshold=0.8))
   tx = sj.set_topology(optax.adam(0.01), key=jax.random.key(0), interval=1, end_step=5,
                        regrowth="rigl", **schedule)
-  r = topology.max_pruned_per_row(k, fraction) + extra_r
+  r = rewiring.max_pruned_per_row(k, fraction) + extra_r
   assert r == (int(np.floor(fraction * k)) if fraction is not None else k) + extra_r
   via_io, io_state = _rigl_step(params, x, g, tx, layer_io={"clf": (x, g)})
   candidates = {"clf": _dense_candidates(params["clf"].indices, x, g, r)}
@@ -384,13 +438,13 @@ def test_rigl_candidates_equal_layer_io(monkeypatch, in_features, out, k, fracti
   pruned = np.asarray(via_io.values == 0)
   assert pruned.any() and (~pruned).any()
   np.testing.assert_array_equal(
-      via_io.indices, topology.rigl_regrowth_columns(params["clf"].indices, pruned, x, g))
+      via_io.indices, rewiring.rigl_regrowth_columns(params["clf"].indices, pruned, x, g))
   np.testing.assert_array_equal(via_candidates.indices, via_io.indices)
   np.testing.assert_array_equal(via_candidates.values, via_io.values)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(io_state)):
     np.testing.assert_array_equal(a, b)
   # In blocks of 2 rows and a ragged tail: the same columns.
-  monkeypatch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 2 * k)
+  monkeypatch.setattr(rewiring, "_REWIRE_BLOCK_ELEMENTS", 2 * k)
   blocked, _ = _rigl_step(params, x, g, tx, regrowth_candidates=candidates)
   np.testing.assert_array_equal(blocked.indices, via_io.indices)
 
@@ -482,7 +536,7 @@ def test_rewire_false_traces_no_rewiring_and_is_the_inner_step(monkeypatch):
   def traced(*args):
     raise RuntimeError("traced rewiring")
 
-  monkeypatch.setattr(topology, "_rewire_rows", traced)
+  monkeypatch.setattr(rewiring, "_rewire_rows", traced)
   jaxpr = str(jax.make_jaxpr(not_rewiring)(grads, state, params))
   assert "cond" not in jaxpr and "sort" not in jaxpr
   with pytest.raises(RuntimeError, match="traced rewiring"):  # a fresh trace, with the cond
@@ -523,7 +577,7 @@ def test_prune_smallest_equals_the_two_argsort_definition(fan_in):
   odd = odd.at[:, 0].set(-0.0).at[::3, -1].set(-jnp.nan).at[1::3, -1].set(jnp.inf)
   for w in (jax.random.normal(keys[2], (300, fan_in)), ties, odd, ties.astype(jnp.bfloat16)):
     for fraction in (0.0, 0.1, 0.3, 0.5, 0.99, 1.0, 1.5, -0.25):
-      np.testing.assert_array_equal(topology.prune_smallest(w, fraction),
+      np.testing.assert_array_equal(rewiring.prune_smallest(w, fraction),
                                     _prune_by_two_argsorts(w, fraction), err_msg=f"{fraction}")
 
 
@@ -562,17 +616,17 @@ def _draw_by_full_rounds(key, indices, free, in_features, row_offset, all_free):
 def test_draw_columns_equals_redrawing_all_rows_every_round(monkeypatch, out, fan_in,
                                                             in_features):
   # Small compaction levels, so rows are gathered level after level (1001 -> 250 -> ...).
-  monkeypatch.setattr(sj.fixed_fanin, "_COMPACT_MIN_ROWS", 4)
+  monkeypatch.setattr(rewiring, "_COMPACT_MIN_ROWS", 4)
   keys = jax.random.split(jax.random.key(out), 3)
   indices = sj.random_topology(in_features, out, fan_in, jnp.int32, key=keys[0])
   free = jax.random.bernoulli(keys[1], 0.4, (out, fan_in))
-  new, rounds = sj.fixed_fanin._draw_columns(keys[2], indices, free, in_features, 17,
-                                             all_free=False, with_rounds=True)
+  new, rounds = rewiring._draw_columns(keys[2], indices, free, in_features, 17,
+                                       all_free=False, with_rounds=True)
   np.testing.assert_array_equal(
       new, _draw_by_full_rounds(keys[2], indices, free, in_features, 17, False))
   everything = jnp.ones_like(free)
   np.testing.assert_array_equal(
-      sj.fixed_fanin._draw_columns(keys[2], indices, everything, in_features, all_free=True),
+      rewiring._draw_columns(keys[2], indices, everything, in_features, all_free=True),
       _draw_by_full_rounds(keys[2], indices, everything, in_features, 0, True))
   if in_features < 10_000:
     assert rounds > 3  # the compacted levels really redrew
@@ -581,7 +635,7 @@ def test_draw_columns_equals_redrawing_all_rows_every_round(monkeypatch, out, fa
 def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch):
   # In blocks of 5 rows (as on CPU, shrunk) or all in one (the GPU/TPU block size, where
   # the draw also gathers the still-repeating rows, shrunk too), the same topology.
-  monkeypatch.setattr(sj.fixed_fanin, "_COMPACT_MIN_ROWS", 8)
+  monkeypatch.setattr(rewiring, "_COMPACT_MIN_ROWS", 8)
   in_features, out, fan_in = 20, 203, 8
   params = {"clf": _setup(in_features, out, fan_in, seed=4)}
   x = jax.random.normal(jax.random.key(1), (8, in_features))
@@ -594,11 +648,11 @@ def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch
   def rewiring_update(backend):
     with monkeypatch.context() as patch:
       patch.setattr(jax, "default_backend", lambda: backend)
-      patch.setattr(topology, "_REWIRE_BLOCK_ELEMENTS", 5 * fan_in)
+      patch.setattr(rewiring, "_REWIRE_BLOCK_ELEMENTS", 5 * fan_in)
       updates, new_state = jax.jit(tx.update)(grads, state, params)  # update 2 rewires
     return optax.apply_updates(params, updates)["clf"], new_state
 
-  assert topology._REWIRE_BLOCK_ELEMENTS_ACCELERATOR >= out * fan_in
+  assert rewiring._REWIRE_BLOCK_ELEMENTS_ACCELERATOR >= out * fan_in
   on_cpu, cpu_state = rewiring_update("cpu")
   on_gpu, gpu_state = rewiring_update("gpu")
   np.testing.assert_array_equal(on_gpu.indices, on_cpu.indices)
@@ -617,9 +671,9 @@ def test_rewiring_in_accelerator_blocks_same_bits_and_set_invariants(monkeypatch
 def test_max_pruned_per_row_counts_as_prune_smallest():
   for fan_in, fraction in ((64, 0.3), (10, 0.7), (3, 1.0), (5, 0.0)):
     w = jax.random.normal(jax.random.key(fan_in), (4, fan_in))
-    pruned = topology.prune_smallest(w, fraction)
-    assert topology.max_pruned_per_row(fan_in, fraction) == int(pruned.sum(axis=1).max())
-  assert topology.max_pruned_per_row(8, lambda t: 0.5) == 8  # a schedule: up to K
-  assert topology.max_pruned_per_row(8, None) == 8  # threshold mode: up to K
+    pruned = rewiring.prune_smallest(w, fraction)
+    assert rewiring.max_pruned_per_row(fan_in, fraction) == int(pruned.sum(axis=1).max())
+  assert rewiring.max_pruned_per_row(8, lambda t: 0.5) == 8  # a schedule: up to K
+  assert rewiring.max_pruned_per_row(8, None) == 8  # threshold mode: up to K
   with pytest.raises(ValueError, match="fan_in must be a positive integer"):
-    topology.max_pruned_per_row(0, 0.3)
+    rewiring.max_pruned_per_row(0, 0.3)

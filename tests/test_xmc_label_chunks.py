@@ -87,6 +87,21 @@ def test_a_fixed_fanin_layer_is_a_classifier_and_its_indices_pass_through():
   np.testing.assert_allclose(grads.bias, want[1], rtol=2e-5, atol=2e-6)
 
 
+def test_the_two_classifier_forms_score_alike():
+  """A ``FixedFanIn`` and its mapping (bias optional) are one fixed fan-in classifier."""
+  layer = sj.FixedFanIn.init(D, L, K, key=jax.random.key(1)).replace(bias=jnp.ones(L))
+  h = jax.random.normal(jax.random.key(2), (B, D))
+  parts = {"values": layer.values, "indices": layer.indices}
+  np.testing.assert_array_equal(xmc.fixed_fanin_logits(layer, h),
+                                xmc.fixed_fanin_logits({**parts, "bias": layer.bias}, h))
+  np.testing.assert_array_equal(xmc.fixed_fanin_logits(layer.replace(bias=None), h),
+                                xmc.fixed_fanin_logits(parts, h))
+  with pytest.raises(ValueError, match="fixed fan-in classifier must be"):
+    xmc.fixed_fanin_logits({"values": layer.values}, h)
+  with pytest.raises(ValueError, match="dense classifier must be"):
+    xmc.dense_logits(parts, h)
+
+
 def _scores_classifier(values):
   """A 'classifier' whose logits are fixed per label: exercises ties and special floats."""
   return {"s": jnp.asarray(values, jnp.float32)}

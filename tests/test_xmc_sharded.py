@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.xmc import evaluate, train
+from sparsejax.xmc import METRIC_NAMES, checkpoint_manager, in_classifier
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -35,7 +36,7 @@ LABELS = SMALL["num_labels"]
 def _final_checkpoint(out_dir):
   """``(step, state)`` of the latest checkpoint, every array on this process's first device."""
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with train.checkpoint_manager(out_dir) as manager:
+  with checkpoint_manager(out_dir) as manager:
     step = manager.latest_step()
     target = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=one),
                           manager.item_metadata(step).tree, is_leaf=lambda x: hasattr(x, "shape"))
@@ -52,7 +53,7 @@ def _unpadded(state):
   out = {}
   for path, x in jax.tree_util.tree_leaves_with_path(state):
     x = np.asarray(x)
-    on_labels = any(getattr(k, "key", None) == "classifier" for k in path) and x.ndim
+    on_labels = in_classifier(path) and x.ndim
     out[jax.tree_util.keystr(path)] = x[:LABELS] if on_labels else x
   return out
 
@@ -71,7 +72,7 @@ def _assert_states_close(a, b):
 
 def _assert_metrics_close(a, b, tol=0.011):
   # Default: 2 of the 200 test points; a last-bit logit difference may reorder a tie.
-  assert a.keys() == set(train.METRIC_NAMES) == b.keys()
+  assert a.keys() == set(METRIC_NAMES) == b.keys()
   for name in a:
     assert abs(a[name] - b[name]) <= tol, (name, a[name], b[name])
 
@@ -127,7 +128,7 @@ def test_mesh_run_matches_one_device(single_run, mesh_run):
 def test_checkpoint_from_2x4_resumes_on_1x8(mesh_run):
   """The (2, 4) run's step-40 checkpoint, resumed on (1, 8), ends as the run that went on."""
   config, results, (_, straight) = mesh_run
-  with train.checkpoint_manager(config.output_dir) as manager:
+  with checkpoint_manager(config.output_dir) as manager:
     manager.delete(STEPS)  # back to the checkpoint of step 40, written on data:2,labels:4
     assert manager.latest_step() == 40
   resumed = train.run(dataclasses.replace(config, mesh="labels:8"))

@@ -18,9 +18,10 @@ from flax import nnx
 
 import sparsejax as sj
 from experiments.xmc import evaluate, train
-from experiments.xmc.model import XMCModel
 from sparsejax.data.xmc import batches, pad_points
-from sparsejax.xmc import chunked_topk, ranking_metrics
+from sparsejax.xmc import (METRIC_NAMES, XMCModel, aux_weight_at, checkpoint_manager,
+                           chunked_topk, make_train_step, predict, ranking_metrics,
+                           resolve_compute_dtype, resolve_label_chunk)
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -68,7 +69,7 @@ def test_sparse_model_reaches_stated_p1_and_set_rewires(sparse_run, popularity_p
   # SET rewired a large part of the topology while it ran (until 2/3 of training).
   assert changed[0] > 0.05 and changed[-1] > 0.3, changed
   steps = config.epochs * (config.num_train // config.batch_size)
-  with train.checkpoint_manager(config.output_dir) as manager:
+  with checkpoint_manager(config.output_dir) as manager:
     saved = manager.restore(manager.latest_step())
   assert int(saved["step"]) == steps
   indices = np.asarray(saved["model"]["classifier"]["indices"])
@@ -93,7 +94,7 @@ def test_outputs_and_evaluate_cli_agree(sparse_run):
   out = pathlib.Path(config.output_dir)
   saved = json.loads((out / "metrics.json").read_text())
   assert saved["metrics"] == results["metrics"]
-  assert set(saved["metrics"]) == set(train.METRIC_NAMES)
+  assert set(saved["metrics"]) == set(METRIC_NAMES)
   assert saved["memory"]["train_step"]["main"]["total_bytes"] > 0
   assert saved["memory"]["max_rss_bytes"] > 0 and saved["samples_per_s"] > 0
   with open(out / "epochs.csv", newline="") as f:
@@ -123,7 +124,7 @@ def _train_command(out_dir) -> list[str]:
 
 
 def _final_checkpoint(out_dir):
-  with train.checkpoint_manager(out_dir) as manager:
+  with checkpoint_manager(out_dir) as manager:
     return manager.latest_step(), manager.restore(manager.latest_step())
 
 
@@ -177,7 +178,8 @@ def _step_memory(num_labels: int, batch_size: int, label_chunk: int) -> int:
   model, optimizer = train.build(config, 1024, num_labels, total_steps=100)
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(optimizer)
-  step = train.make_train_step(config, model_def, opt_def, optimizer.wrt, num_clusters=0)
+  step = make_train_step(model_def, opt_def, optimizer.wrt, loss=config.loss,
+                         label_chunk=label_chunk)
   spec = lambda width, dtype: jax.ShapeDtypeStruct((batch_size, width), dtype)
   batch = {"feature_ids": spec(32, jnp.int32), "feature_values": spec(32, jnp.float32),
            "feature_mask": spec(32, jnp.bool_), "label_ids": spec(8, jnp.int32),
@@ -228,6 +230,24 @@ def test_model_chunked_scores_match_full_logits(fan_in, intermediate):
   np.testing.assert_array_equal(top, jax.lax.top_k(logits, 5)[1])
   assert model.sparse == bool(fan_in)
   np.testing.assert_array_equal(model.classifier.bias[...], -1.0)
+  features = dict(feature_ids=ids, feature_values=values, feature_mask=mask)
+  np.testing.assert_array_equal(predict(model, features, k=5, label_chunk=16), top)
+  # Padding rows for label shards: the real rows and the parameter count stay.
+  counts, rows = model.num_params(), model.classifier_params()
+  assert counts["classifier"] == 70 * ((fan_in or intermediate or 16) + 1)
+  model.pad_labels(72)
+  padded = model.classifier_params()
+  assert model.num_params() == counts and model.classifier.out_features == 70
+  for name, leaf in padded.items():
+    assert leaf.shape[0] == 72 and not np.asarray(leaf[70:]).any()
+    np.testing.assert_array_equal(leaf[:70], rows[name])
+
+
+def test_aux_weight_is_cosine_decayed_to_zero_at_its_end_step():
+  weights = [aux_weight_at(t, initial=0.4, end_step=10.0) for t in range(12)]
+  assert weights[0] == 0.4 and weights[5] == pytest.approx(0.2) and weights[10:] == [0.0, 0.0]
+  assert all(a > b for a, b in zip(weights, weights[1:10]))
+  assert aux_weight_at(0, initial=0.4, end_step=0.0) == 0.0
 
 
 # 1,000 points of 50: 20 steps an epoch; rewiring every 5 steps until step 40 of 60.
@@ -276,8 +296,8 @@ def test_plain_and_rewiring_steps_follow_the_single_cond_step():
   (model_def, single_model), (opt_def, single_opt), wrt = states()
   (_, pair_model), (_, pair_opt), _ = states()
   before = np.asarray(pair_model["classifier"]["indices"][...])
-  step = functools.partial(train.make_train_step, config, model_def, opt_def, wrt,
-                           num_clusters=0)
+  step = functools.partial(make_train_step, model_def, opt_def, wrt, loss=config.loss,
+                           label_chunk=config.label_chunk)
   single, plain, rewiring = step(), step(rewire=False), step(rewire=None)
   end_step = int(config.set_until * total_steps)
   rewired = []
@@ -319,8 +339,7 @@ def test_bfloat16_compute_runs_on_cpu_and_auto_resumes(tmp_path_factory, fan_in)
   again = train.run(config)
   assert again["steps"] == results["steps"] and again["metrics"] == results["metrics"]
   # On CPU, auto is float32.
-  assert train.resolved_compute_dtype(dataclasses.replace(config, compute_dtype="auto")) == (
-      jnp.float32)
+  assert resolve_compute_dtype("auto") == jnp.float32 and resolve_label_chunk(0) == 4096
 
 
 @pytest.mark.slow  # fast representatives: test_topology's RigL candidates on a mesh

@@ -26,6 +26,10 @@ from absl import flags
 
 __all__ = ["field", "define_flags", "config_from_flags"]
 
+# The flags that define_flags defines belong to its caller (the script), so that the
+# script's --help lists them; absl would otherwise credit this module.
+flags.disclaim_key_flags()
+
 _DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
 

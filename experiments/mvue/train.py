@@ -31,7 +31,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
+from experiments.common import config_flags
 from experiments.common.byte_lm import ByteLM, dense_linear
+from experiments.common.config_flags import field
 from sparsejax.data import sample_windows, stdlib_byte_corpus
 
 METHODS = ("dense", "mvue:1:2", "mvue:2:4", "mvue_approx:2:4", "greedy:1:2", "greedy:2:4")
@@ -39,20 +41,27 @@ METHODS = ("dense", "mvue:1:2", "mvue:2:4", "mvue_approx:2:4", "greedy:1:2", "gr
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  width: int = 128
-  depth: int = 2
-  heads: int = 4
-  context: int = 64
-  batch: int = 32
-  steps: int = 300
-  learning_rate: float = 3e-3
-  warmup: int = 30
-  prune: str = "weight"  # "weight": only dW sees the pruned dY; "output": dY itself
-  train_bytes: int = 4_000_000
-  val_bytes: int = 400_000
-  val_batches: int = 8
-  log_every: int = 25
-  seeds: int = 1
+  """Everything a run depends on: one absl flag per field, with the help shown here."""
+  # The model.
+  width: int = field(128, "model width d")
+  depth: int = field(2, "transformer blocks")
+  heads: int = field(4, "attention heads")
+  context: int = field(64, "context length in bytes")
+
+  # Training.
+  batch: int = field(32, "windows per step")
+  steps: int = field(300, "AdamW steps")
+  learning_rate: float = field(3e-3, "peak learning rate (linear warm-up, cosine decay to 0)")
+  warmup: int = field(30, "warm-up steps")
+  prune: str = field("weight", "'weight': only dW = dY^T X sees the pruned dY; 'output': dY "
+                     "itself, for dW and dX", choices=("weight", "output"))
+
+  # Data and logging.
+  train_bytes: int = field(4_000_000, "bytes of the training split of the stdlib corpus")
+  val_bytes: int = field(400_000, "bytes of its validation split")
+  val_batches: int = field(8, "fixed validation batches per evaluation")
+  log_every: int = field(25, "evaluate and log every this many steps")
+  seeds: int = field(1, "seeds per method")
 
 
 def _linear_factory(method: str, prune: str):
@@ -205,10 +214,7 @@ def write_outputs(rows: list[dict], config: Config, out_dir: pathlib.Path, comma
 
 def define_flags() -> None:
   """Flags of the script: one per ``Config`` field, plus methods and output_dir."""
-  define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
-  for field in dataclasses.fields(Config):
-    default = getattr(Config(), field.name)
-    define[type(default)](field.name, default, f"Config.{field.name}")
+  config_flags.define_flags(Config)
   flags.DEFINE_list("methods", list(METHODS), "dense and/or name:n:m with name in "
                     "mvue, mvue_approx, greedy")
   flags.DEFINE_string("output_dir", "runs/mvue_grad", "where curves.csv/png and RESULTS.md go")
@@ -217,7 +223,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  config = Config(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Config)})
+  config = config_flags.config_from_flags(Config)
   start = time.time()
   rows = run(config, FLAGS.methods)
   command = "python -m experiments.mvue.train " + " ".join(sys.argv[1:])

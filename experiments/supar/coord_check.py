@@ -15,6 +15,7 @@ under SP and μP the hidden activations fall with density.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import pathlib
 
 import jax
@@ -23,9 +24,27 @@ import optax
 from absl import app, flags
 
 import sparsejax as sj
+from experiments.common import config_flags
+from experiments.common.config_flags import field
 from sparsejax import supar
 
 _LAYERS = ("fixed_fanin", "masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The check of ``build_mlp``: one flag per field (``experiments.common.config_flags``)."""
+  parameterizations: tuple[str, ...] = field(supar.PARAMETERIZATIONS, "sp, mup, supar")
+  widths: tuple[int, ...] = field((256,), "model widths")
+  base_width: int = field(128, "width of the dense proxy")
+  densities: tuple[float, ...] = field((1, 1 / 2, 1 / 4, 1 / 8, 1 / 16), "hidden densities",
+                                       parse=float, format="{:g}".format)
+  steps: int = field(3, "Adam steps")
+  learning_rate: float = field(1e-2, "base learning rate")
+  seeds: int = field(1, "seeds per setting")
+  batch: int = field(256, "batch size")
+  layer: str = field("fixed_fanin", "hidden layer type", choices=_LAYERS)
+  seed: int = field(0, "PRNG seed")
 
 
 def build_mlp(p: sj.SuPar, density: float, *, key: jax.Array, in_dim: int = 64,
@@ -86,18 +105,20 @@ def fixed_batch(key: jax.Array, size: int = 256, in_dim: int = 64, classes: int 
   return jax.random.normal(x_key, (size, in_dim)), jax.random.randint(y_key, (size,), 0, classes)
 
 
-def run(*, parameterizations=supar.PARAMETERIZATIONS, widths=(256,), base_width=128,
-        densities=(1, 1 / 2, 1 / 4, 1 / 8, 1 / 16), steps=3, learning_rate=1e-2, seeds=1,
-        batch=256, layer="fixed_fanin", init_std=None, seed=0) -> list[dict]:
-  """The coordinate check of ``build_mlp``; returns ``supar.coord_check`` rows."""
-  data_key, model_key = jax.random.split(jax.random.key(seed))
-  base = sj.SuPar(width=base_width, base_width=base_width,
-                  init_std=init_std or base_width ** -0.5)
+def run(config: Config = Config(), *, init_std: float | None = None) -> list[dict]:
+  """The coordinate check of ``build_mlp``; returns ``supar.coord_check`` rows.
+
+  ``init_std`` is the base std ``s`` (default ``base_width^-1/2``).
+  """
+  data_key, model_key = jax.random.split(jax.random.key(config.seed))
+  base = sj.SuPar(width=config.base_width, base_width=config.base_width,
+                  init_std=init_std or config.base_width ** -0.5)
   return supar.coord_check(
-      lambda p, density, *, key: build_mlp(p, density, key=key, layer=layer),
-      fixed_batch(data_key, batch), base=base, parameterizations=parameterizations,
-      widths=widths, densities=densities, steps=steps, learning_rate=learning_rate,
-      seeds=seeds, key=model_key)
+      lambda p, density, *, key: build_mlp(p, density, key=key, layer=config.layer),
+      fixed_batch(data_key, config.batch), base=base,
+      parameterizations=config.parameterizations, widths=config.widths,
+      densities=config.densities, steps=config.steps, learning_rate=config.learning_rate,
+      seeds=config.seeds, key=model_key)
 
 
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
@@ -140,38 +161,26 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def define_flags() -> None:
-  """Flags of the script (defined only when run, so that importing defines none)."""
-  flags.DEFINE_list("parameterizations", list(supar.PARAMETERIZATIONS), "sp, mup, supar")
-  flags.DEFINE_list("widths", ["256"], "model widths")
-  flags.DEFINE_integer("base_width", 128, "width of the dense proxy")
-  flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125", "0.0625"],
-                    "hidden densities")
-  flags.DEFINE_integer("steps", 3, "Adam steps")
-  flags.DEFINE_float("learning_rate", 1e-2, "base learning rate")
-  flags.DEFINE_integer("seeds", 1, "seeds per setting")
-  flags.DEFINE_integer("batch", 256, "batch size")
-  flags.DEFINE_enum("layer", "fixed_fanin", _LAYERS, "hidden layer type")
-  flags.DEFINE_integer("seed", 0, "PRNG seed")
+  """Flags of the script: one per ``Config`` field, plus ``output_dir``.
+
+  Defined only when run, so that importing the module defines none.
+  """
+  config_flags.define_flags(Config)
   flags.DEFINE_string("output_dir", "runs/supar_coord_check", "where CSV and PNG go")
-
-
-FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  rows = run(parameterizations=FLAGS.parameterizations, widths=[int(w) for w in FLAGS.widths],
-             base_width=FLAGS.base_width, densities=[float(d) for d in FLAGS.densities],
-             steps=FLAGS.steps, learning_rate=FLAGS.learning_rate, seeds=FLAGS.seeds,
-             batch=FLAGS.batch, layer=FLAGS.layer, seed=FLAGS.seed)
-  out = pathlib.Path(FLAGS.output_dir)
+  config = config_flags.config_from_flags(Config)
+  rows = run(config)
+  out = pathlib.Path(flags.FLAGS.output_dir)
   write_csv(rows, out / "coord_check.csv")
   plot(rows, out / "coord_check.png")
   # Reference: the smallest width at the highest density.
   reference = dict(width=min(r["width"] for r in rows), density=max(r["density"] for r in rows))
-  drift = supar.coord_check_drift(rows, steps=range(1, FLAGS.steps + 1), **reference)
+  drift = supar.coord_check_drift(rows, steps=range(1, config.steps + 1), **reference)
   print(f"worst ratio of any layer's mean |activation| to width={reference['width']}, "
-        f"density={reference['density']:g}, steps 1-{FLAGS.steps}:")
+        f"density={reference['density']:g}, steps 1-{config.steps}:")
   for name, ratio in drift.items():
     print(f"  {name:6s} {ratio:6.3f}")
   print(f"wrote {out / 'coord_check.csv'} and {out / 'coord_check.png'}")

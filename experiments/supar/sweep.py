@@ -43,8 +43,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
-from experiments.supar import coord_check
+from experiments.common import config_flags
 from experiments.common.byte_lm import ByteLM, LinearFactory, dense_linear
+from experiments.common.config_flags import field
+from experiments.supar import coord_check
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
 
@@ -56,59 +58,64 @@ _HIDDEN_LAYERS = ("qkv", "proj", "fc", "out")
 _VAL_KEY = 12345  # the fixed validation windows
 
 
+def _density_label(density: float) -> str:
+  """``1/16`` for 0.0625: how densities show in flags and tables."""
+  return str(fractions.Fraction(density).limit_denominator(1 << 20))
+
+
+def _fraction(text: str) -> float:
+  """A density flag entry: a number or a fraction like ``1/16``."""
+  return float(fractions.Fraction(text))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """The sweep. The defaults took 20 minutes on 2 shared CPU cores (docs/supar_transfer).
+  """The sweep: one flag per field (``experiments.common.config_flags``), with the help here.
 
-  Attributes:
-    width: width of the swept models (densities are swept at this width).
-    base_width: width of the dense μP proxy; ``m_d = width / base_width``.
-    depth, heads, context, batch: model and batch size.
-    steps, warmup: Adam steps; linear warmup then cosine decay to 0.
-    init_std: base init std ``s`` (not tuned).
-    alpha_in: μP/SμPar embedding multiplier when ``base_lr`` is given.
-    alpha_out: μP/SμPar output multiplier (not tuned).
-    weight_decay: AdamW decay, coupled to the LR multipliers (``scale_by_supar``).
-    layer: hidden sparse layer, ``"masked"`` or ``"fixed_fanin"``.
-    densities: hidden densities (1 is dense: ``nnx.Linear``).
-    parameterizations: subset of ``("sp", "mup", "supar")``.
-    proxy_log2_lrs: the proxy's LR grid, ``2^k``.
-    proxy_alpha_in: the proxy's ``alpha_in`` grid (tuned jointly with the LR).
-    lr_steps: the sweep's LR grid, ``base_lr * 2^k``.
-    base_lr: if > 0, use it (and ``alpha_in``) and skip the proxy.
-    seeds: seeds per setting (init, topology and data order).
-    train_bytes, val_bytes, val_batches: corpus size and validation windows
-      (``val_batches * batch`` fixed windows).
-    coord_steps, coord_lr, coord_seeds: the coordinate check (0 steps: skip).
-    seed: root PRNG seed.
+  The defaults took 20 minutes on 2 shared CPU cores (docs/supar_transfer).
   """
-  width: int = 64
-  base_width: int = 32
-  depth: int = 2
-  heads: int = 2
-  context: int = 64
-  batch: int = 16
-  steps: int = 200
-  warmup: int = 20
-  init_std: float = 0.02
-  alpha_in: float = 1.0
-  alpha_out: float = 1.0
-  weight_decay: float = 0.0
-  layer: str = "masked"
-  densities: tuple[float, ...] = (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-  parameterizations: tuple[str, ...] = supar.PARAMETERIZATIONS
-  proxy_log2_lrs: tuple[int, ...] = (-11, -10, -9, -8, -7, -6, -5, -4, -3)
-  proxy_alpha_in: tuple[float, ...] = (1, 4, 16)
-  lr_steps: tuple[int, ...] = (-2, -1, 0, 1, 2, 3, 4)
-  base_lr: float = 0.0
-  seeds: int = 2
-  train_bytes: int = 4_000_000
-  val_bytes: int = 400_000
-  val_batches: int = 8
-  coord_steps: int = 3
-  coord_lr: float = 1e-2
-  coord_seeds: int = 2
-  seed: int = 0
+  # The models.
+  width: int = field(64, "width of the swept models (densities are swept at this width)")
+  base_width: int = field(32, "width of the dense μP proxy; m_d = width / base_width")
+  depth: int = field(2, "transformer blocks")
+  heads: int = field(2, "attention heads")
+  context: int = field(64, "context length in bytes (of every window)")
+
+  # Training.
+  batch: int = field(16, "windows per step")
+  steps: int = field(200, "Adam steps")
+  warmup: int = field(20, "steps of linear LR warmup, then cosine decay to 0")
+  init_std: float = field(0.02, "base init std s (not tuned)")
+  alpha_in: float = field(1.0, "μP/SμPar embedding multiplier when base_lr is given")
+  alpha_out: float = field(1.0, "μP/SμPar output multiplier (not tuned)")
+  weight_decay: float = field(0.0, "AdamW decay, coupled to the LR multipliers "
+                              "(sparsejax.scale_by_supar)")
+
+  # What is swept.
+  layer: str = field("masked", "hidden sparse layer", choices=LAYERS)
+  densities: tuple[float, ...] = field((1, 1 / 2, 1 / 4, 1 / 8, 1 / 16),
+                                       "hidden densities, numbers or fractions like 1/16 "
+                                       "(1 is dense: nnx.Linear)",
+                                       parse=_fraction, format=_density_label)
+  parameterizations: tuple[str, ...] = field(supar.PARAMETERIZATIONS,
+                                             "subset of sp, mup, supar")
+  proxy_log2_lrs: tuple[int, ...] = field((-11, -10, -9, -8, -7, -6, -5, -4, -3),
+                                          "the proxy's LR grid, 2^k")
+  proxy_alpha_in: tuple[float, ...] = field((1, 4, 16), "the proxy's alpha_in grid (tuned "
+                                            "jointly with the LR)", parse=float)
+  lr_steps: tuple[int, ...] = field((-2, -1, 0, 1, 2, 3, 4), "the sweep's LR grid, "
+                                    "base_lr * 2^k")
+  base_lr: float = field(0.0, "if > 0, use it (and alpha_in) and skip the proxy")
+
+  # Seeds, data and the coordinate check.
+  seeds: int = field(2, "seeds per setting (init, topology and data order)")
+  train_bytes: int = field(4_000_000, "bytes of the training corpus")
+  val_bytes: int = field(400_000, "bytes of the validation corpus")
+  val_batches: int = field(8, "validation: val_batches * batch fixed windows")
+  coord_steps: int = field(3, "coordinate check: Adam steps (0: skip it)")
+  coord_lr: float = field(1e-2, "coordinate check: learning rate")
+  coord_seeds: int = field(2, "coordinate check: seeds")
+  seed: int = field(0, "root PRNG seed")
 
   def __post_init__(self):
     if self.layer not in LAYERS:
@@ -333,7 +340,7 @@ def tune_proxy(config: Config, corpus: ByteCorpus, *, progress: bool = True
   return best[key][0], key[2], rows
 
 
-def coord_check(config: Config, corpus: ByteCorpus, alpha_in: float) -> list[dict]:
+def gpt_coord_check(config: Config, corpus: ByteCorpus, alpha_in: float) -> list[dict]:
   """``supar.coord_check`` of the GPT across ``config.densities`` at ``config.width``.
 
   Records the mean |output| of the embedding, of every hidden layer (q/k/v,
@@ -386,7 +393,7 @@ def run(config: Config, *, progress: bool = True) -> SweepResult:
         rows += _grid(config, p, density, lrs, corpus, bar, "sweep")
   for r in rows:
     r["lr_step"] = round(math.log2(r["lr"] / base_lr))
-  coord_rows = coord_check(config, corpus, alpha_in) if config.coord_steps > 0 else []
+  coord_rows = gpt_coord_check(config, corpus, alpha_in) if config.coord_steps > 0 else []
   return SweepResult(rows, base_lr, alpha_in, coord_rows)
 
 
@@ -458,10 +465,6 @@ def markdown_tables(table: list[dict]) -> str:
     lines.append(f"| {_density_label(d)} | " + " | ".join(
         f"{cell[n, d]['best_loss']:.4f} / {cell[n, d]['base_loss']:.4f}" for n in names) + " |")
   return "\n".join(lines)
-
-
-def _density_label(density: float) -> str:
-  return str(fractions.Fraction(density).limit_denominator(1 << 20))
 
 
 def outcome_lines(table: list[dict]) -> list[str]:
@@ -611,33 +614,14 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
 
 
 def define_flags() -> None:
-  """Flags of the script: one per ``Config`` field, plus output_dir."""
-  defaults = Config()
-  for field in dataclasses.fields(Config):
-    default = getattr(defaults, field.name)
-    if isinstance(default, tuple):
-      flags.DEFINE_list(field.name, [_density_label(v) if isinstance(v, float) else str(v)
-                                     for v in default], f"Config.{field.name}")
-    elif field.name == "layer":
-      flags.DEFINE_enum(field.name, default, LAYERS, "hidden sparse layer")
-    else:
-      define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
-      define[type(default)](field.name, default, f"Config.{field.name}")
+  """Flags of the script: one per ``Config`` field, plus ``output_dir``."""
+  config_flags.define_flags(Config)
   flags.DEFINE_string("output_dir", "runs/supar_transfer", "where the CSVs, PNGs and sweep.md go")
-
-
-def config_from_flags(values) -> Config:
-  """A ``Config`` from parsed flags; list entries may be fractions like ``1/16``."""
-  parse = {"densities": lambda s: float(fractions.Fraction(s)), "parameterizations": str,
-           "proxy_log2_lrs": int, "proxy_alpha_in": float, "lr_steps": int}
-  return Config(**{f.name: (tuple(parse[f.name](v) for v in getattr(values, f.name))
-                            if f.name in parse else getattr(values, f.name))
-                   for f in dataclasses.fields(Config)})
 
 
 def main(argv):
   del argv
-  config = config_from_flags(flags.FLAGS)
+  config = config_flags.config_from_flags(Config)
   start = time.time()
   result = run(config)
   command = "python -m experiments.supar.sweep " + " ".join(sys.argv[1:])

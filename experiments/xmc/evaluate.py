@@ -24,7 +24,8 @@ from flax import nnx
 
 from experiments.xmc import train
 from sparsejax.data.xmc import read_bow, steps_per_epoch
-from sparsejax.xmc import format_table, inverse_propensity
+from sparsejax.xmc import (checkpoint_manager, evaluate, format_table, inverse_propensity,
+                           resolve_compute_dtype, resolve_label_chunk, restore)
 
 __all__ = ["evaluate_run", "define_flags", "main"]
 
@@ -54,16 +55,16 @@ def evaluate_run(run_dir, *, test_file=None, propensity_a: float | None = None,
                                  total_steps)
   model_def, model_state = nnx.split(model)
   _, opt_state = nnx.split(optimizer)
-  step, _ = train.restore(train.checkpoint_manager(run_dir), model_state, opt_state)
+  step, _ = restore(checkpoint_manager(run_dir), model_state, opt_state)
   if step == 0:
     raise ValueError(f"{run_dir / 'checkpoints'} holds no checkpoint")
   a = config.propensity_a if propensity_a is None else propensity_a
   b = config.propensity_b if propensity_b is None else propensity_b
-  metrics = train.evaluate(
+  metrics = evaluate(
       nnx.merge(model_def, model_state), test_set,
       inv_propensity=inverse_propensity(train_set.label_counts(), len(train_set), a=a, b=b),
-      batch_size=config.eval_batch_size, label_chunk=train.resolved_label_chunk(config),
-      compute_dtype=train.resolved_compute_dtype(config))
+      batch_size=config.eval_batch_size, label_chunk=resolve_label_chunk(config.label_chunk),
+      compute_dtype=resolve_compute_dtype(config.compute_dtype))
   return {"run_dir": str(run_dir), "test_file": None if test_file is None else str(test_file),
           "step": step, "num_points": len(test_set), "propensity": {"a": a, "b": b},
           "metrics": metrics}

@@ -1,6 +1,6 @@
 """Extreme multi-label classification (XMC) data: container, readers, writers, batching.
 
-Formats (Extreme Classification Repository, SPEC.md section 4):
+Formats (Extreme Classification Repository; ``docs/methods.md``, "XMC data and metrics"):
 
 - **BoW**: a header line ``N D L`` (points, features, labels), then one line per
   point, ``l1,l2,... f:v f:v ...``, with zero-based ids. A point without labels

@@ -1,8 +1,9 @@
-"""Label clusters for the auxiliary objective of the XMC recipe (SPEC section 1).
+"""Label clusters for the auxiliary objective of the XMC recipe.
 
-A small dense head predicts which clusters of labels a point belongs to. The
-clusters come from balanced hierarchical spherical 2-means on label centroids
-(as in PECOS and XR-Transformer):
+A small dense head predicts which clusters of labels a point belongs to
+(``docs/methods.md``, "The XMC recipe"). The clusters come from balanced
+hierarchical spherical 2-means on label centroids (as in PECOS and
+XR-Transformer):
 
 1. ``label_centroids``: each label is the normalised sum of the L2-normalised
    feature vectors of its training points, in a ``dim``-dimensional random
@@ -14,7 +15,8 @@ clusters come from balanced hierarchical spherical 2-means on label centroids
    together in a few vectorised passes over the L points.
 3. ``cluster_targets``: the multi-hot cluster targets of a batch (jittable).
 
-The first two run on the host (numpy and scipy.sparse, which jax depends on).
+The first two run on the host (numpy and scipy.sparse, which jax depends on);
+``label_clusters`` runs them on a training set.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import scipy.sparse as sp
 
 from sparsejax import _checks
 
-__all__ = ["balanced_kmeans", "cluster_targets", "label_centroids"]
+__all__ = ["balanced_kmeans", "cluster_targets", "label_centroids", "label_clusters"]
 
 
 def _check_csr(indptr, ids, num_columns: int, name: str, values=None):
@@ -171,6 +173,26 @@ def balanced_kmeans(points, num_clusters: int, *, key: jax.Array,
   clusters = np.empty(num_points, np.int32)
   clusters[order] = np.repeat(np.arange(num_clusters, dtype=np.int32), sizes)
   return clusters
+
+
+def label_clusters(dataset, num_clusters: int, *, key: jax.Array, dim: int = 64) -> np.ndarray:
+  """``(L,)`` int32 cluster of each label: ``balanced_kmeans`` of the label centroids.
+
+  Arguments:
+    dataset: the training set, a ``sparsejax.data.XMCDataset``.
+    num_clusters: ``C``, ``1 <= C <= L``.
+    key: PRNG key; ``fold_in(key, 0)`` draws the centroids' projection,
+      ``fold_in(key, 1)`` the initial 2-means centroids.
+    dim: width of the centroids' random projection (64 is plenty to cluster).
+
+  Returns:
+    ``(L,)`` int32 cluster ids in ``[0, C)``, cluster sizes differing by at most 1.
+  """
+  centroids = label_centroids(dataset.feature_indptr, dataset.feature_ids,
+                              dataset.feature_values, dataset.label_indptr, dataset.label_ids,
+                              num_features=dataset.num_features, num_labels=dataset.num_labels,
+                              dim=dim, key=jax.random.fold_in(key, 0))
+  return balanced_kmeans(centroids, num_clusters, key=jax.random.fold_in(key, 1))
 
 
 def _row_dots(xs, centres, node, block: int = 1 << 15) -> np.ndarray:

@@ -18,13 +18,8 @@ gradient itself, never O(batch * L). Undifferentiated, only the loss runs.
 Reverse mode only: ``jax.jvp`` of the loss is not defined.
 
 Both classifiers share this code path through a ``logits_fn(params_chunk, h)
--> (B, chunk)``:
-
-- fixed fan-in: ``{"values": (L, K), "indices": (L, K), "bias": (L,)}`` (bias
-  optional) or a ``sparsejax.FixedFanIn``, scored by ``fixed_fanin_logits``;
-- dense baseline: ``{"kernel_t": (L, d), "bias": (L,)}`` (bias optional; the
-  transposed kernel, so that labels are the leading axis), scored by
-  ``dense_logits``.
+-> (B, chunk)``: ``fixed_fanin_logits`` or ``dense_logits`` of the label-major
+classifier pytrees that ``sparsejax.xmc.classifier`` defines.
 
 For RigL on a fixed fan-in classifier, ``chunked_loss_and_candidates`` also
 keeps, per label, the best columns to regrow: each chunk's dense gradient
@@ -37,7 +32,7 @@ label L and overlaps the one before; the labels they share count once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -50,63 +45,11 @@ from sparsejax.kernels.vma import varying_like
 from sparsejax.fanin_matmul import fixed_fanin_matmul
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.topology import RegrowthCandidates
+from sparsejax.xmc.classifier import _fixed_fanin_parts
 
-__all__ = ["LOSSES", "chunked_loss", "chunked_loss_and_candidates", "chunked_topk",
-           "dense_logits", "fixed_fanin_logits"]
+__all__ = ["LOSSES", "chunked_loss", "chunked_loss_and_candidates", "chunked_topk"]
 
 LOSSES = ("squared_hinge", "bce")
-
-
-def fixed_fanin_logits(params, h: jax.Array) -> jax.Array:
-  """Logits of a fixed fan-in classifier (or a chunk of its labels).
-
-  Arguments:
-    params: a ``FixedFanIn``, or a mapping with ``"values"`` (C, K) float,
-      ``"indices"`` (C, K) int and optionally ``"bias"`` (C,).
-    h: ``(B, d)`` features.
-
-  Returns:
-    ``(B, C)`` logits ``h @ W + bias`` (see ``sparsejax.fixed_fanin_matmul``).
-  """
-  values, indices, bias = _fixed_fanin_parts(params)
-  y = fixed_fanin_matmul(h, values, indices)
-  return y if bias is None else y + bias.astype(y.dtype)
-
-
-def _fixed_fanin_parts(params):
-  """``(values, indices, bias or None)`` of a fixed fan-in classifier."""
-  if isinstance(params, FixedFanIn):
-    return params.values, params.indices, params.bias
-  if isinstance(params, Mapping) and {"values", "indices"} <= set(params):
-    return params["values"], params["indices"], params.get("bias")
-  raise ValueError("a fixed fan-in classifier must be a FixedFanIn or a mapping with "
-                   f"'values' and 'indices' (and optionally 'bias'), got {type(params)}")
-
-
-def dense_logits(params, h: jax.Array) -> jax.Array:
-  """Logits of a dense classifier (or a chunk of its labels).
-
-  Arguments:
-    params: a mapping with ``"kernel_t"`` (C, d), the transposed kernel, and
-      optionally ``"bias"`` (C,).
-    h: ``(B, d)`` features.
-
-  Returns:
-    ``(B, C)`` logits ``h @ kernel_t.T + bias``. The product runs in ``h``'s
-    dtype (``kernel_t`` cast to it), accumulated and returned in at least
-    float32, as ``fixed_fanin_logits`` on its tile path: a bfloat16 ``h`` means
-    bfloat16 matmul inputs and float32 logits.
-  """
-  if not (isinstance(params, Mapping) and "kernel_t" in params):
-    raise ValueError("a dense classifier must be a mapping with 'kernel_t' (L, d) "
-                     f"(and optionally 'bias'), got {type(params)}")
-  kernel_t, bias = params["kernel_t"], params.get("bias")
-  if jnp.ndim(kernel_t) != 2 or jnp.shape(h)[-1] != jnp.shape(kernel_t)[1]:
-    raise ValueError(f"kernel_t must have shape (L, {jnp.shape(h)[-1]}) for h of shape "
-                     f"{jnp.shape(h)}, got {jnp.shape(kernel_t)}")
-  acc = jnp.promote_types(jnp.result_type(h), jnp.float32)
-  y = jnp.dot(h, kernel_t.astype(jnp.result_type(h)).T, preferred_element_type=acc)
-  return y if bias is None else y + bias.astype(y.dtype)
 
 
 def chunked_loss(logits_fn: Callable, classifier, h: jax.Array, label_ids: jax.Array,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from sparsejax.dispatch import resolve_impl
 from sparsejax.kernels import nm as _kernels
-from sparsejax.mvue import _key_data, nm_prune
+from sparsejax.mvue.estimators import key_data, nm_prune
 
 __all__ = ["prune_grad", "prune_weight_grad", "pruned_linear"]
 
@@ -40,7 +40,7 @@ def _prune(g, key, n, m, method, axis, impl):
   """``nm_prune`` of a cotangent, by the kernel when ``impl`` asks for one and it applies."""
   if not _uses_kernel(impl, method, g.dtype):
     return nm_prune(g, key=key, n=n, m=m, method=method, axis=axis)
-  return _kernels.nm_prune_kernel(g, _key_data(key), m=m, method=method, axis=axis % g.ndim,
+  return _kernels.nm_prune_kernel(g, key_data(key), m=m, method=method, axis=axis % g.ndim,
                                   interpret=impl == "interpret")
 
 
@@ -184,7 +184,7 @@ def _pruned_linear_bwd(n, m, method, impl, residuals, g):
   x, kernel, key = residuals
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   if _uses_kernel(impl, method, g.dtype):
-    dkernel = _kernels.pruned_weight_grad(x2, g2, _key_data(key), m=m, method=method,
+    dkernel = _kernels.pruned_weight_grad(x2, g2, key_data(key), m=m, method=method,
                                           interpret=impl == "interpret")
   else:
     dkernel = x2.T @ nm_prune(g2, key=key, n=n, m=m, method=method, axis=0)

@@ -26,28 +26,25 @@ last. A method with one uniform per group (1:2, 2:4 ``"mvue"``) gives groups
 two (``"mvue_approx"``) gives group ``g`` both words of ``threefry2x32(key, (g,
 0))``. One block of the cipher thus serves two uniforms, never fewer, and the
 result depends only on the key and the group's position, not on how the work is
-split, which lets a fused kernel reproduce it bit for bit (``group_words``,
-``threefry_words`` and ``prune_columns`` are the elementwise pieces that kernels
-share).
+split, which lets a fused kernel reproduce it bit for bit: the map is
+``sparsejax.kernels.threefry``'s and the rule ``sparsejax.kernels.mvue_columns``'s,
+elementwise functions that the kernels run too.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import _checks
+from sparsejax.kernels.mvue_columns import DRAWS, prune_columns
 from sparsejax.kernels.threefry import group_words, uniform_from_word
 from sparsejax.nm import _check_nm, from_groups, nm_mask, to_groups
 
-__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "prune_columns", "group_uniforms"]
+__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_uniforms", "key_data"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
-# Uniforms per group of each random (method, n, m).
-DRAWS = {("mvue", 1, 2): 1, ("mvue", 2, 4): 1, ("mvue_approx", 2, 4): 2}
 
 
 def _check_method(method: str, n: int, m: int) -> None:
@@ -61,7 +58,8 @@ def _check_method(method: str, n: int, m: int) -> None:
     raise ValueError(f"method {method!r} supports {', '.join(supported)}, got {n}:{m}")
 
 
-def _key_data(key) -> jax.Array:
+def key_data(key) -> jax.Array:
+  """The ``uint32[2]`` words of a threefry2x32 key (a typed ``jax.random.key`` or raw data)."""
   if key is None:
     raise ValueError("this N:M method is random: pass a PRNG key (jax.random.key(...))")
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -85,7 +83,7 @@ def group_uniforms(num_groups: int, draws: int, *, key: jax.Array) -> jax.Array:
   """
   if num_groups >= 2**32:
     raise ValueError(f"at most 2^32 - 1 groups per call, got {num_groups}")
-  key = _key_data(key)
+  key = key_data(key)
   words = group_words((key[0], key[1]), jnp.arange(num_groups, dtype=jnp.uint32), draws)
   return jnp.stack([uniform_from_word(w) for w in words], axis=-1)
 
@@ -142,103 +140,3 @@ def prune_groups(groups: jax.Array, uniforms: jax.Array, *, n: int, method: str)
   columns = [groups[..., j].astype(acc) for j in range(groups.shape[-1])]
   draws = [uniforms[..., d].astype(acc) for d in range(uniforms.shape[-1])]
   return jnp.stack(prune_columns(columns, draws, method=method), axis=-1).astype(groups.dtype)
-
-
-def prune_columns(columns: list, uniforms: list, *, method: str) -> list:
-  """The MVUE rule on a group's entries held as ``m`` separate arrays.
-
-  Only elementwise operations, in a fixed order, so ``prune_groups`` and the
-  Pallas kernels (which hold entry ``j`` of a tile's groups as one array) run
-  this same function and agree bit for bit.
-
-  Arguments:
-    columns: ``m`` float arrays of one shape, entry ``j`` of every group (m = 2 or 4).
-    uniforms: ``d`` arrays of that shape in ``[0, 1)`` (``d = 2`` for ``"mvue_approx"``).
-    method: ``"mvue"`` (1:2 when ``m = 2``, 2:4 when ``m = 4``) or ``"mvue_approx"``.
-
-  Returns:
-    ``m`` arrays: the kept entries ``x_j / p_j``, zeros elsewhere.
-  """
-  a = [jnp.abs(x) for x in columns]
-  if method == "mvue_approx":
-    p, kept = _two_without_replacement(a, uniforms[0], uniforms[1])
-    scaled = [x / jnp.where(k, pj, 1) for x, pj, k in zip(columns, p, kept)]
-  else:
-    # x / p in closed form (sign(x) S for 1:2, sign(x) S / 2 for 2:4, ...): exact, and
-    # free of divisions that a compiler could reassociate differently in a kernel.
-    magnitude, kept = (_mvue_pair if len(columns) == 2 else _mvue_systematic)(a, uniforms[0])
-    scaled = [jnp.where(x < 0, -s, s) for x, s in zip(columns, magnitude)]
-  zero = jnp.zeros_like(columns[0])
-  return [jnp.where(k, v, zero) for v, k in zip(scaled, kept)]
-
-
-def _running_sums(weights):
-  """Inclusive prefix sums, added left to right (the one summation order used here)."""
-  sums = [weights[0]]
-  for w in weights[1:]:
-    sums.append(sums[-1] + w)
-  return sums
-
-
-def _safe(total):
-  return jnp.where(total > 0, total, 1)
-
-
-def _pick(weights, point):
-  """The entry whose slot on the cumulative ``weights`` holds ``point * total``.
-
-  Returns ``m`` bool arrays, one-hot across them (all False when the total is
-  0). The last positive entry's slot is closed above, so rounding cannot push a
-  point past it.
-  """
-  cumulative = _running_sums(weights)
-  t = point * cumulative[-1]
-  picked, later_positive = [None] * len(weights), jnp.zeros(t.shape, bool)
-  for j in reversed(range(len(weights))):
-    positive = weights[j] > 0
-    lower = cumulative[j - 1] if j else jnp.zeros_like(t)
-    upper_ok = (t < cumulative[j]) | ~later_positive  # last positive entry: closed above
-    picked[j] = positive & (lower <= t) & upper_ok
-    later_positive = later_positive | positive
-  return picked
-
-
-def _mvue_pair(a, u):
-  """Kept magnitude ``|x| / p = S`` for either entry, and the kept entry."""
-  total = _running_sums(a)[-1]
-  return [total] * len(a), _pick(a, u)
-
-
-def _mvue_systematic(a, u):
-  """Kept magnitudes ``|x| / p`` and kept entries of 2:4 systematic sampling."""
-  total = _running_sums(a)[-1]
-  a_max = functools.reduce(jnp.maximum, a)
-  # Only one entry can exceed half the total; first index on an exact tie.
-  dominant, seen = [], jnp.zeros(u.shape, bool)
-  for aj in a:
-    dominant.append((2 * a_max > total) & (aj == a_max) & ~seen)
-    seen = seen | dominant[-1]
-  has_dominant = seen
-  rest = [jnp.where(d, 0, aj) for d, aj in zip(dominant, a)]
-  rest_total = _running_sums(rest)[-1]
-  # p = 1 for a dominant entry, a / rest_total for the others; else p = 2 a / S.
-  magnitude = [jnp.where(has_dominant, jnp.where(d, aj, rest_total), total / 2)
-               for d, aj in zip(dominant, a)]
-  # No dominant entry: points u and u + 1 on [0, 2), i.e. u/2 and (u+1)/2 of the total.
-  spread = [x | y for x, y in zip(_pick(a, u / 2), _pick(a, (u + 1) / 2))]
-  # A dominant entry is kept surely; one more is drawn from the rest with p = a / rest_total.
-  with_dominant = [d | r for d, r in zip(dominant, _pick(rest, u))]
-  return magnitude, [jnp.where(has_dominant, x, y) for x, y in zip(with_dominant, spread)]
-
-
-def _two_without_replacement(a, u1, u2):
-  total = _running_sums(a)[-1]
-  first = _pick(a, u1)
-  second = _pick([jnp.where(f, 0, aj) for f, aj in zip(first, a)], u2)
-  t = [aj / _safe(total) for aj in a]
-  # t_j / (S - a_j) as one division: chained divisions get reassociated differently by
-  # XLA and by a kernel's compiler, which would break bit-equality between them.
-  ratio = [jnp.where(total - aj > 0, aj / _safe(total * (total - aj)), 0) for aj in a]
-  ratio_sum = _running_sums(ratio)[-1]
-  p = [tj + aj * (ratio_sum - rj) for tj, aj, rj in zip(t, a, ratio)]
-  return p, [f | s for f, s in zip(first, second)]

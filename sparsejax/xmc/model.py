@@ -8,10 +8,11 @@
 
 The classifier is a ``FixedFanInLinear`` (each label reads ``fan_in`` of the
 ``h`` features) or, as the dense baseline, a ``LabelMajorLinear``. Both expose
-their parameters as a label-major pytree (every leaf ``(L, ...)``) so that
-``sparsejax.xmc.label_chunks`` can score the labels chunk by chunk and the
-``(batch, L)`` logits never exist. The intermediate layer is linear: it only
-widens the pool of features that a sparse label can read (SPEC section 1).
+their parameters as a label-major pytree (every leaf ``(L, ...)``, see
+``sparsejax.xmc.classifier``) so that the chunked loss and top-k can score the
+labels chunk by chunk and the ``(batch, L)`` logits never exist. The
+intermediate layer is linear: it only widens the pool of features that a
+sparse label can read (``docs/methods.md``, "The XMC recipe").
 """
 
 from __future__ import annotations
@@ -23,33 +24,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.nn import EmbeddingBag, FixedFanInLinear
-from sparsejax.xmc.label_chunks import dense_logits, fixed_fanin_logits
+from sparsejax.xmc.classifier import LabelMajorLinear, dense_logits, fixed_fanin_logits
+from sparsejax.xmc.sharded import pad_labels
 
-__all__ = ["LabelMajorLinear", "XMCModel"]
+__all__ = ["CLASSIFIER", "XMCModel", "in_classifier"]
+
+# The attribute of ``XMCModel`` that holds the classifier: the first key of its
+# state paths, its SET layer name and its optimizer param group. The label-sharded
+# layout, the row fitting on restore and the param groups find it by this name.
+CLASSIFIER = "classifier"
 
 
-class LabelMajorLinear(nnx.Module):
-  """Dense linear layer stored as ``kernel_t`` ``(out, in)``: a label chunk is a row slice.
+def in_classifier(path) -> bool:
+  """Whether a pytree key path (a model, optimizer or checkpoint state leaf) is the classifier's.
 
-  Initialised like a fixed fan-in layer with ``K = in``: ``U(-1/sqrt(in),
-  1/sqrt(in))`` weights and a zero bias.
-
-  Attributes:
-    kernel_t: ``nnx.Param`` of shape ``(out, in)``.
-    bias: ``nnx.Param`` of shape ``(out,)``.
+  True when any key of ``path`` is ``CLASSIFIER``: the model's
+  ``classifier/values`` and the Adam moments under the optimizer state's
+  ``.../classifier/values`` alike.
   """
-
-  def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.in_features, self.out_features = in_features, out_features
-    bound = 1.0 / in_features ** 0.5
-    self.kernel_t = nnx.Param(jax.random.uniform(rngs.params(), (out_features, in_features),
-                                                 dtype, -bound, bound))
-    self.bias = nnx.Param(jnp.zeros((out_features,), dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """``(B, in) -> (B, out)``: all logits at once (small layers, tests)."""
-    return dense_logits({"kernel_t": self.kernel_t[...], "bias": self.bias[...]}, x)
+  return any(getattr(key, "key", None) == CLASSIFIER for key in path)
 
 
 class XMCModel(nnx.Module):
@@ -69,9 +62,10 @@ class XMCModel(nnx.Module):
     num_clusters: outputs of the auxiliary cluster head, or 0 for no head.
     classifier_bias: initial bias of every label. Almost every label is a
       negative for almost every point, so starting all scores at the negative
-      optimum (``-1`` for squared hinge, about ``-log L`` for BCE) spares the
-      first steps from pushing all L scores down. The aux head's bias starts
-      at ``-log num_clusters`` for the same reason.
+      optimum (``-1`` for squared hinge, about ``-log L`` for BCE; see
+      ``sparsejax.xmc.initial_classifier_bias``) spares the first steps from
+      pushing all L scores down. The aux head's bias starts at ``-log
+      num_clusters`` for the same reason.
     rngs: parameter initialisation (``rngs.params()``).
 
   Attributes:
@@ -102,7 +96,7 @@ class XMCModel(nnx.Module):
 
   @property
   def logits_fn(self):
-    """``(classifier chunk, h) -> (B, chunk)`` logits, for ``sparsejax.xmc.label_chunks``."""
+    """``(classifier chunk, h) -> (B, chunk)`` logits, for the chunked loss and top-k."""
     return fixed_fanin_logits if self.sparse else dense_logits
 
   def encode(self, feature_ids: jax.Array, feature_values: jax.Array,
@@ -118,12 +112,31 @@ class XMCModel(nnx.Module):
     return z if self.intermediate is None else self.intermediate(z)
 
   def classifier_params(self) -> dict:
-    """The classifier as a label-major pytree: every leaf ``(L, ...)``.
+    """The classifier as a label-major pytree: every leaf ``(rows, ...)``.
 
     ``{"values": (L, K), "indices": (L, K), "bias": (L,)}`` for the fixed
-    fan-in classifier, ``{"kernel_t": (L, d), "bias": (L,)}`` for the dense one.
+    fan-in classifier, ``{"kernel_t": (L, d), "bias": (L,)}`` for the dense
+    one; ``rows`` is ``L``, or more after ``pad_labels``.
     """
     c = self.classifier
     if self.sparse:
       return {"values": c.values[...], "indices": c.indices[...], "bias": c.bias[...]}
     return {"kernel_t": c.kernel_t[...], "bias": c.bias[...]}
+
+  def pad_labels(self, num_padded: int) -> None:
+    """Pads the classifier's arrays (in place) with zero rows up to ``num_padded``.
+
+    For label sharding (``sparsejax.xmc.Layout``): the first ``L`` rows stay
+    those of the unsharded model, and ``classifier.out_features`` stays ``L``.
+    """
+    for name, value in pad_labels(self.classifier_params(), num_padded).items():
+      getattr(self.classifier, name).set_value(value)
+
+  def num_params(self) -> dict[str, int]:
+    """``{"total", "classifier"}``: parameter counts (not the indices), without padding rows."""
+    num_labels = self.classifier.out_features
+    classifier = jax.tree.leaves(nnx.state(self.classifier, nnx.Param))
+    unpadded = lambda x: x.size // x.shape[0] * num_labels  # classifier leaves: (rows, ...)
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+    return {"total": int(total - sum(x.size - unpadded(x) for x in classifier)),
+            "classifier": int(sum(unpadded(x) for x in classifier))}
