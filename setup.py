@@ -20,9 +20,18 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # The top-level kernels/ folder ships as the sub-package sparsejax.kernels.
-    packages=[*find_packages(include=["sparsejax", "sparsejax.*"]), "sparsejax.kernels"],
-    package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels"},
+    # The top-level kernels/ and experiments/ folders ship as the sub-packages
+    # sparsejax.kernels and sparsejax.experiments (the launchers, for the console scripts).
+    packages=[*find_packages(include=["sparsejax", "sparsejax.*"]), "sparsejax.kernels",
+              *(f"sparsejax.{name}" for name in find_packages(include=["experiments",
+                                                                     "experiments.*"]))],
+    package_dir={"sparsejax": "sparsejax", "sparsejax.kernels": "kernels",
+                 "sparsejax.experiments": "experiments"},
+    entry_points={"console_scripts": [
+        "sparsejax-xmc = sparsejax.experiments.xmc.train:run_script",
+        "sparsejax-xmc-evaluate = sparsejax.experiments.xmc.evaluate:run_script",
+        "sparsejax-xmc-wordnet = sparsejax.experiments.xmc.datasets.wordnet:run_script",
+    ]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

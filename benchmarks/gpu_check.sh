@@ -14,6 +14,8 @@
 #   profile_tile  ncu of one fwd+bwd of the fused tile kernel (NCU_KERNELS, default regex:tile;
 #                 TILE_SHAPE "L K", default "670091 64"), bf16
 #   bench, sweep  kernels.py with the N:M section; the N:M launch-setting sweep
+#   recipe        experiments.xmc.ablations (RECIPE_DATA, RECIPE_ROWS, RECIPE_BASE): the XMC
+#                 recipe's rows side by side, tables and per-row metrics into $OUT
 # Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out); TAG (default empty) is
 # appended to the step's file names, so that a step split over commands keeps every log, e.g.
 # TAG=_3m LAYER_ARGS="--outs 3000000". LAYER_ARGS: extra flags of kernels.py. STEP_TIMEOUT
@@ -91,6 +93,23 @@ EOF
            local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
     sweep) timeout "$limit" python3 benchmarks/kernels.py --nm_sweep --repeats 10 2>&1 \
              | tee "$OUT/nm_sweep.txt"; return "${PIPESTATUS[0]}" ;;
+    recipe) # The XMC recipe's ablations (experiments.xmc.ablations): RECIPE_DATA (a dataset
+            # directory, carried, or synthetic), RECIPE_ROWS, RECIPE_BASE (comma lists). Runs go
+            # to /tmp (checkpoints are too large to come back); tables and logs to $OUT.
+            local data=${RECIPE_DATA:-synthetic} name runs
+            [ "$data" != synthetic ] && data=$(realpath "$data")
+            name=${RECIPE_NAME:-$(basename "$data")}; runs=/tmp/ablations/$name
+            # From /tmp: `python -m` puts the working directory first on sys.path, and the source
+            # tree's sparsejax/ has no kernels/ (the installed one in $SITE has).
+            (cd /tmp && timeout "$limit" python3 -m sparsejax.experiments.xmc.ablations \
+              --dataset="$data" --rows="${RECIPE_ROWS:-dense,sparse}" \
+              --base="${RECIPE_BASE:-}" --output_dir="$runs") 2>&1 | tee "$OUT/recipe_$name$T.txt"
+            local rc=${PIPESTATUS[0]}
+            cp "$runs"/ablations.md "$OUT/recipe_$name$T.md" 2>/dev/null
+            # Every row's metrics.json and epochs.csv in one archive (few files come back).
+            (cd "$runs" && tar czf "$OUT/recipe_$name$T.tgz" ablations.* */metrics.json \
+              */epochs.csv 2>/dev/null)
+            return $rc ;;
     *) echo "unknown step $step"; return 2 ;;
   esac
 }

@@ -14,7 +14,7 @@ import functools
 
 import jax.numpy as jnp
 
-__all__ = ["DRAWS", "prune_columns"]
+__all__ = ["DRAWS", "keep_non_finite", "prune_columns"]
 
 # Uniforms per group of each random (method, n, m).
 DRAWS = {("mvue", 1, 2): 1, ("mvue", 2, 4): 1, ("mvue_approx", 2, 4): 2}
@@ -31,7 +31,8 @@ def prune_columns(columns: list, uniforms: list, *, method: str) -> list:
     method: ``"mvue"`` (1:2 when ``m = 2``, 2:4 when ``m = 4``) or ``"mvue_approx"``.
 
   Returns:
-    ``m`` arrays: the kept entries ``x_j / p_j``, zeros elsewhere.
+    ``m`` arrays: the kept entries ``x_j / p_j``, zeros elsewhere; a group
+    holding a NaN or inf comes out unchanged (``keep_non_finite``).
   """
   a = [jnp.abs(x) for x in columns]
   if method == "mvue_approx":
@@ -43,7 +44,23 @@ def prune_columns(columns: list, uniforms: list, *, method: str) -> list:
     magnitude, kept = (_mvue_pair if len(columns) == 2 else _mvue_systematic)(a, uniforms[0])
     scaled = [jnp.where(x < 0, -s, s) for x, s in zip(columns, magnitude)]
   zero = jnp.zeros_like(columns[0])
-  return [jnp.where(k, v, zero) for v, k in zip(scaled, kept)]
+  return keep_non_finite(columns, [jnp.where(k, v, zero) for v, k in zip(scaled, kept)])
+
+
+def keep_non_finite(columns: list, pruned: list) -> list:
+  """``pruned``, except that every group holding a NaN or inf is ``columns``, unchanged.
+
+  Pruning must not hide a diverging gradient: zeroing a group's NaN would.
+
+  Arguments:
+    columns: ``m`` arrays of one shape, entry ``j`` of every group, as given.
+    pruned: ``m`` arrays of that shape, the pruned entries.
+
+  Returns:
+    ``m`` arrays.
+  """
+  bad = functools.reduce(jnp.logical_or, [~jnp.isfinite(x) for x in columns])
+  return [jnp.where(bad, x, p) for x, p in zip(columns, pruned)]
 
 
 def _running_sums(weights):

@@ -42,6 +42,18 @@ def is_sparse_layer(node) -> bool:
       isinstance(node, Mapping) and "values" in node and "indices" in node)
 
 
+def values_without_indices(tree) -> list[str]:
+  """Names of the mappings in ``tree`` that hold ``values`` but no ``indices``.
+
+  The trace of a sparse layer whose topology was filtered out, e.g. the NNX
+  state that ``nnx.Optimizer(..., wrt=nnx.Param)`` gives its transformation.
+  """
+  nodes, _ = tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda node: isinstance(node, Mapping) and "values" in node)
+  return [path_name(path) or "<root>" for path, node in nodes
+          if isinstance(node, Mapping) and "values" in node and "indices" not in node]
+
+
 def field(layer, name: str):
   return getattr(layer, name) if isinstance(layer, FixedFanIn) else layer[name]
 

@@ -58,12 +58,14 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
     ``(..., out)`` in ``jnp.result_type(x, values)``, accumulated in float32
     (float64 for float64 operands).
 
-  Gradients flow to ``x`` and ``values`` through a custom VJP. Shapes are
-  always checked. When ``indices`` is a concrete array its range is checked
-  too; under ``jit`` indices are trusted, since an out-of-range gather is not
-  detectable there (use ``sparsejax.check_fixed_fanin`` with
-  ``jax.experimental.checkify``). A column repeated within a row counts
-  twice on every path (its weights add).
+  Gradients flow to ``x`` and ``values`` through a custom VJP. Shapes and
+  dtypes are always checked. Concrete ``indices`` and ``values`` also get the
+  checks of ``FixedFanIn(...)``: an index out of range or a column repeated
+  within a row, and a NaN or inf in ``values``, raise ``ValueError`` naming
+  the row. Under ``jit`` traced operands are trusted, since JAX cannot raise
+  on data there (use ``sparsejax.check_fixed_fanin`` with
+  ``jax.experimental.checkify``): an out-of-range gather returns garbage, and
+  a column repeated within a row counts twice on every path (its weights add).
 
   ``impl`` chooses the implementation (``sparsejax.dispatch``): the gather
   algorithm as ``"xla"`` (any backend), ``"pallas"`` (the kernels of
@@ -78,15 +80,15 @@ def fixed_fanin_matmul(x: jax.Array, values: jax.Array, indices: jax.Array, *,
   rounded to bfloat16), float32 accumulation.
   """
   _checks.check_fanin_operands(x, values, indices)
+  (out, fan_in), in_features = jnp.shape(values), jnp.shape(x)[-1]
+  impl = resolve_fanin_impl(impl, batch=int(np.prod(jnp.shape(x)[:-1])),
+                            in_features=in_features, out=out, fan_in=fan_in)
   # Checked before asarray, which inside jit would stage a concrete numpy constant.
-  _checks.check_index_range(indices, jnp.shape(x)[-1], "indices")
+  _checks.check_topology(values, indices, in_features)
   x, values, indices = jnp.asarray(x), jnp.asarray(values), jnp.asarray(indices)
   # Inside shard_map the custom VJPs return each gradient typed as its operand,
   # so all three enter varying over the same mesh axes (a no-op elsewhere).
   x, values, indices = (varying_like(a, x, values, indices) for a in (x, values, indices))
-  out, fan_in = values.shape
-  impl = resolve_fanin_impl(impl, batch=int(np.prod(x.shape[:-1])), in_features=x.shape[-1],
-                            out=out, fan_in=fan_in)
   if impl == "xla":
     return _matmul(x, values, indices)
   x2 = x.reshape(-1, x.shape[-1])

@@ -72,10 +72,11 @@ class FixedFanIn:
     y[..., u] = sum_k x[..., indices[u, k]] * values[u, k] + bias[u]
 
   A pytree: ``values``, ``indices`` and ``bias`` are leaves, ``in_features`` is
-  static metadata. Constructing it from concrete arrays validates shapes,
-  dtypes, the index range, distinct indices within each row and finite values
-  (``ValueError`` naming the offending row). JAX transformations rebuild it
-  without re-validating; inside ``jit`` indices are trusted, so use
+  static metadata. Constructing it validates shapes and dtypes and, on
+  concrete arrays, the index range, distinct indices within each row and
+  finite values (``ValueError`` naming the offending row), the same checks as
+  ``fixed_fanin_matmul``. JAX transformations rebuild it without
+  re-validating; inside ``jit`` indices are trusted, so use
   :func:`check_fixed_fanin` under ``checkify`` where they may be corrupted.
 
   Attributes:
@@ -92,9 +93,7 @@ class FixedFanIn:
     if bias is not None:
       _checks.check_bias(bias, jnp.shape(values)[0])
     # Value checks see the arrays as passed (they skip tracers), before asarray.
-    _checks.check_index_range(indices, in_features, "indices")
-    _checks.check_distinct_rows(indices, "indices")
-    _checks.check_finite(values, "values")
+    _checks.check_topology(values, indices, in_features)
     self.values, self.indices = jnp.asarray(values), jnp.asarray(indices)
     self.bias = None if bias is None else jnp.asarray(bias)
     self.in_features = int(in_features)
@@ -149,6 +148,7 @@ class FixedFanIn:
     """
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
+    _checks.check_key(key)
     topology_key, values_key = jax.random.split(key)
     indices = random_topology(in_features, out_features, fan_in, index_dtype, key=topology_key)
     bound = 1.0 / np.sqrt(fan_in)
@@ -228,7 +228,10 @@ class FixedFanIn:
 
 
 def check_fixed_fanin(layer: FixedFanIn) -> None:
-  """Adds ``checkify`` checks that ``layer.indices`` is in range with distinct rows.
+  """Adds ``checkify`` checks: indices in range, distinct within each row, finite values.
+
+  The checks that ``FixedFanIn(...)`` and ``fixed_fanin_matmul`` run on
+  concrete arrays, for traced ones.
 
   Inside ``jit`` JAX cannot raise on data, and an out-of-range gather returns
   garbage rather than failing. Wrap the function that calls this with
@@ -243,14 +246,16 @@ def check_fixed_fanin(layer: FixedFanIn) -> None:
 
   Called eagerly (outside ``jit``) it raises at once.
   """
-  indices = layer.indices.astype(jnp.int32)
-  out_of_range = jnp.any((indices < 0) | (indices >= layer.in_features), axis=1)
+  out_of_range = ~jnp.all(_checks.in_range(layer.indices, layer.in_features), axis=1)
   checkify.check(
       ~jnp.any(out_of_range),
       f"FixedFanIn indices out of range [0, {layer.in_features}) in row {{row}}",
       row=jnp.argmax(out_of_range))
-  ordered = jnp.sort(indices, axis=1)
-  repeated = jnp.any(ordered[:, 1:] == ordered[:, :-1], axis=1)
+  repeated = _checks.repeats_per_row(layer.indices)
   checkify.check(
       ~jnp.any(repeated), "FixedFanIn row {row} repeats an input column",
       row=jnp.argmax(repeated))
+  non_finite = ~jnp.all(jnp.isfinite(layer.values), axis=1)
+  checkify.check(
+      ~jnp.any(non_finite), "FixedFanIn values hold a NaN or inf in row {row}",
+      row=jnp.argmax(non_finite))

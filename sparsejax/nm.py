@@ -12,7 +12,7 @@ from jax import lax
 
 from sparsejax import _checks
 
-__all__ = ["nm_mask", "is_nm_sparse", "to_groups", "from_groups"]
+__all__ = ["nm_mask", "is_nm_sparse", "keep_largest", "to_groups", "from_groups"]
 
 
 def _check_nm(shape, n: int, m: int, axis: int) -> int:
@@ -57,10 +57,13 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
   _checks.check_float(x, "x")
   axis = _check_nm(jnp.shape(x), n, m, axis)
   _checks.check_finite(x, "x")
-  groups = to_groups(jnp.abs(x), m, axis)
-  _, kept = lax.top_k(groups, n)  # (..., G, n)
-  mask = jnp.any(kept[..., :, None] == jnp.arange(m), axis=-2)
-  return from_groups(mask, axis)
+  return from_groups(keep_largest(to_groups(jnp.abs(x), m, axis), n), axis)
+
+
+def keep_largest(groups: jax.Array, n: int) -> jax.Array:
+  """``(..., m)`` bool: the ``n`` largest entries of every group of ``m`` (ties: lower index)."""
+  _, kept = lax.top_k(groups, n)  # (..., n)
+  return jnp.any(kept[..., :, None] == jnp.arange(groups.shape[-1]), axis=-2)
 
 
 def is_nm_sparse(x: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:

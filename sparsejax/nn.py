@@ -168,10 +168,9 @@ class EmbeddingBag(nnx.Module):
       _checks.check_float(weights, "weights")
     if mask is not None and _checks.dtype_of(mask) != jnp.bool_:
       raise ValueError(f"mask must be a bool array, got dtype {_checks.dtype_of(mask)}")
-    if not (_checks.is_traced(ids) or _checks.is_traced(mask)):
-      held = ids if mask is None else jnp.where(mask, ids, 0)
-      _checks.check_index_range(jnp.reshape(held, (-1, jnp.shape(ids)[-1])),
-                                self.num_embeddings, "ids")
+    rows = lambda a: None if a is None else jnp.reshape(a, (-1, jnp.shape(ids)[-1]))
+    _checks.check_index_range(rows(ids), self.num_embeddings, "ids",
+                              size_name="num_embeddings", mask=rows(mask))
     table = self.embedding[...]
     scale = jnp.ones(jnp.shape(ids), table.dtype) if weights is None else weights
     if mask is not None:

@@ -125,6 +125,7 @@ def rewire_layer(
   else:
     select = lambda w: jnp.abs(w.astype(jnp.float32)) < prune_threshold
   if key is not None:
+    _checks.check_key(key)
     if in_features is None:
       raise ValueError("rewire_layer: random regrowth (key=) needs in_features=")
     regrow = lambda start, idx, pruned: _draw_columns(
@@ -231,6 +232,7 @@ def draw_columns(indices: jax.Array, free: jax.Array, in_features: int, *,
   if _checks.dtype_of(free) != jnp.bool_:
     raise ValueError(f"free must be a bool array, got dtype {_checks.dtype_of(free)}")
   _checks.check_sizes(in_features, *jnp.shape(indices))
+  _checks.check_key(key)
   return _draw_columns(key, indices, free, in_features, first_row, all_free=False)
 
 
@@ -250,6 +252,7 @@ def draw_all_columns(in_features: int, out_features: int, fan_in: int, *,
     ``range(in_features)``, sorted ascending.
   """
   _checks.check_sizes(in_features, out_features, fan_in)
+  _checks.check_key(key)
   shape = (out_features, fan_in)
   cols = _draw_columns(key, jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool), in_features,
                        all_free=True)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparsejax import _tree, nn
+from sparsejax import _checks, _tree, nn
 from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.masked import MaskedDense
 from sparsejax.topology import static_topology
@@ -274,6 +274,7 @@ def initialize(params, specs, parameterization: SuPar, *, key: jax.Array):
   Returns:
     ``params`` with the weights redrawn.
   """
+  _checks.check_key(key)
   table = spec_table(specs)
   order = {name: i for i, name in enumerate(sorted(table))}
 
@@ -404,6 +405,7 @@ def coord_check(build: Callable[..., CoordCheckModel], batch, *, base: SuPar,
   """
   if steps < 0 or seeds < 1:
     raise ValueError(f"need steps >= 0 and seeds >= 1, got steps={steps}, seeds={seeds}")
+  _checks.check_key(key)
   scale = optax.scale_by_adam() if optimizer == "adam" else optax.identity()
   rows = []
   for name in parameterizations:

@@ -47,7 +47,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparsejax import _tree
+from sparsejax import _checks, _tree
 from sparsejax.rewiring import max_pruned_per_row, rewire_layer
 
 __all__ = ["RegrowthCandidates", "SetTopologyState", "set_topology", "static_topology",
@@ -131,6 +131,10 @@ def set_topology(
   Fixed fan-in layers are found in the params as ``FixedFanIn`` nodes or as
   mappings with ``values`` and ``indices`` entries (``nnx.State`` of
   ``sparsejax.nn.FixedFanInLinear``). Every other leaf is left to ``inner``.
+  ``init`` raises ``ValueError`` when the params hold none: with Flax NNX, the
+  optimizer must see the indices, ``nnx.Optimizer(model, tx, wrt=(nnx.Param,
+  sparsejax.nn.Indices))``; with ``wrt=nnx.Param`` there would be nothing to
+  rewire.
 
   On update ``t = 1, 2, ...`` with ``t % interval == 0`` and ``t <= end_step``,
   after ``inner`` has computed the step, for each row of each layer:
@@ -208,6 +212,7 @@ def set_topology(
       the candidates come from the main loss's gradient, scale them by
       ``1 - a``. Work and memory ``O(out (K + R))``; works with ``mesh``.
   """
+  _checks.check_key(key)
   _check_arguments(interval, end_step, prune_fraction, prune_threshold, regrowth, mesh, row_axis)
   fraction = _as_schedule(prune_fraction, end_step, "prune_fraction")
   threshold = _as_schedule(prune_threshold, end_step, "prune_threshold")
@@ -222,6 +227,8 @@ def set_topology(
 
   def init_fn(params):
     layers = _tree.sparse_layers(params)
+    if not layers:
+      _no_layers_error(params)
     _check_rows(layers, mesh, row_axis)
     inner_state = inner.init(_strip_indices(*_tree.flatten_layers(params)))
     return SetTopologyState(count=jnp.zeros((), jnp.int32),
@@ -336,6 +343,20 @@ def _check_arguments(interval, end_step, prune_fraction, prune_threshold, regrow
     if not isinstance(mesh, Mesh) or row_axis not in mesh.axis_names:
       raise ValueError(f"mesh must be a jax.sharding.Mesh with a '{row_axis}' axis (row_axis), "
                        f"got {mesh!r}")
+
+
+def _no_layers_error(params):
+  """Raises the ``ValueError`` of ``set_topology`` on params without a fixed fan-in layer."""
+  orphans = _tree.values_without_indices(params)
+  if orphans:
+    raise ValueError(
+        f"set_topology: the params hold 'values' without their 'indices' (at {orphans}), so "
+        "there is no topology to rewire. With Flax NNX, let the optimizer see the indices: "
+        "pass wrt=(nnx.Param, sparsejax.nn.Indices) to nnx.Optimizer, and differentiate with "
+        "nnx.grad(loss, argnums=nnx.DiffState(0, wrt), allow_int=True) for that wrt")
+  raise ValueError(
+      "set_topology: the params hold no fixed fan-in layer (a FixedFanIn or a mapping with "
+      "'values' and 'indices'), so there is nothing to rewire; use the inner optimizer alone")
 
 
 def _shard_rows(x, *, mesh, row_axis):

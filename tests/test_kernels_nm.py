@@ -63,6 +63,32 @@ def test_mask_kernel_equals_nm_prune(n, m, method, dtype, shape, axis):
 
 
 @pytest.mark.parametrize("n, m, method", _RANDOM)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_non_finite_groups_pass_the_kernels_unchanged(n, m, method, dtype):
+  # As nm_prune: a group holding a NaN or inf comes out as it went in, the rest keeps its bits.
+  x = _x((24, 6), dtype, m)
+  bad = x.at[m + 1, 0].set(jnp.nan).at[2 * m, 3].set(-jnp.inf)  # groups along axis 0
+  poisoned = np.zeros(x.shape, bool)
+  poisoned[m:2 * m, 0] = poisoned[2 * m:3 * m, 3] = True
+  key = jax.random.key(5)
+  prune = lambda x: np.asarray(nm.nm_prune_kernel(x, key_data(key), m=m, method=method, axis=0,
+                                                  interpret=_INTERPRET, tuning=_SMALL_MASK),
+                               np.float32)
+  out, clean = prune(bad), prune(x)
+  np.testing.assert_array_equal(out[poisoned], np.asarray(bad, np.float32)[poisoned])
+  assert np.isnan(out[m + 1, 0]) and out[2 * m, 3] == -np.inf
+  np.testing.assert_array_equal(out[~poisoned].view(np.uint32), clean[~poisoned].view(np.uint32))
+  ref = np.asarray(sj.nm_prune(bad, key=key, n=n, m=m, method=method, axis=0), np.float32)
+  np.testing.assert_array_equal(out[poisoned], ref[poisoned])
+  _assert_same_pruning(out[~poisoned], ref[~poisoned], method, dtype)
+  # The fused dW: the poisoned dY columns make their dW columns non-finite, and only those.
+  dw = np.asarray(nm.pruned_weight_grad(jnp.ones((24, 5), dtype), bad, key_data(key), m=m,
+                                        method=method, interpret=_INTERPRET, tuning=_SMALL_DW))
+  assert np.isnan(dw[:, 0]).all() and not np.isfinite(dw[:, 3]).any()
+  assert np.isfinite(dw[:, [1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("n, m, method", _RANDOM)
 def test_mask_kernel_is_unbiased(n, m, method):
   # The library's z-test, with replicates from group numbers instead of keys: row r of
   # the (draws, size) input is x again, so its groups draw fresh uniforms.

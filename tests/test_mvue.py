@@ -211,12 +211,48 @@ def test_errors_name_the_problem():
     sj.nm_prune(x, key=key, n=1, m=2, method="topk")
   with pytest.raises(ValueError, match="pass a PRNG key"):
     sj.nm_prune(x, n=1, m=2, method="mvue")
-  with pytest.raises(ValueError, match="non-finite"):
-    sj.nm_prune(x.at[1, 1].set(jnp.nan), key=key, n=1, m=2, method="mvue")
   with pytest.raises(ValueError, match="floating-point"):
     sj.nm_prune(jnp.ones((4, 6), jnp.int32), key=key, n=1, m=2, method="mvue")
   with pytest.raises(ValueError, match="divisible by 4"):  # at the call, not in the backward
     sj.prune_grad(x, key=key, n=2, m=4, method="mvue", axis=1)
+
+
+def _poison(x, m):
+  """``x`` (rows, groups * m) with a NaN in group 1 of row 0 and an inf in group 2 of row 2."""
+  return x.at[0, m + 1].set(jnp.nan).at[2, 2 * m].set(-jnp.inf)
+
+
+@pytest.mark.parametrize("n, m, method", [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"),
+                                          (1, 2, "greedy"), (2, 4, "greedy")])
+def test_non_finite_groups_pass_unchanged_and_the_rest_keeps_its_bits(n, m, method):
+  # A diverging gradient must stay visible: its groups are not pruned to zeros.
+  key = jax.random.key(3)
+  x = jax.random.normal(jax.random.key(0), (4, 3 * m))
+  bad = _poison(x, m)
+  clean_out = np.asarray(sj.nm_prune(x, key=key, n=n, m=m, method=method))
+  out = np.asarray(sj.nm_prune(bad, key=key, n=n, m=m, method=method))
+  poisoned = np.zeros(x.shape, bool)
+  poisoned[0, m:2 * m] = poisoned[2, 2 * m:3 * m] = True
+  np.testing.assert_array_equal(out[poisoned], np.asarray(bad)[poisoned])  # NaN == NaN here
+  assert np.isnan(out[0, m + 1]) and out[2, 2 * m] == -np.inf
+  np.testing.assert_array_equal(out[~poisoned].view(np.uint32),
+                                clean_out[~poisoned].view(np.uint32))
+
+
+def test_non_finite_gradients_reach_the_weight_gradient():
+  k = jax.random.split(jax.random.key(0), 2)
+  x, w = jax.random.normal(k[0], (8, 6)), jax.random.normal(k[1], (6, 4))
+  g = _poison(jnp.ones((8, 4)).T, 2).T  # (tokens, out): NaN and -inf along the tokens
+  key = jax.random.key(1)
+  pruned = jax.vjp(lambda y: sj.prune_grad(y, key=key, n=1, m=2, method="mvue", axis=0),
+                   x @ w)[1](g)[0]
+  assert np.isnan(pruned[3, 0]) and pruned[4, 2] == -np.inf
+  for fn in (lambda x, w: sj.pruned_linear(x, w, key=key, n=1, m=2, method="mvue"),
+             lambda x, w: sj.prune_weight_grad(lambda x, w: x @ w, x, w, key=key, n=1, m=2,
+                                               method="mvue")):
+    dw = np.asarray(jax.vjp(fn, x, w)[1](g)[1])
+    assert np.isnan(dw[:, 0]).all() and not np.isfinite(dw[:, 2]).any()
+    assert np.isfinite(dw[:, [1, 3]]).all()
 
 
 def _mlp_loss(params, x, y, key, n, m, method):

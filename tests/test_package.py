@@ -10,9 +10,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _modules():
-  """``{module name: path}`` of every module of the installed layout (kernels/ as sparsejax.kernels)."""
+  """``{module name: path}`` of every module of the installed layout (kernels/ as
+  sparsejax.kernels, experiments/ as sparsejax.experiments)."""
   found = {}
-  for folder, package in ((ROOT / "sparsejax", "sparsejax"), (ROOT / "kernels", "sparsejax.kernels")):
+  for folder, package in ((ROOT / "sparsejax", "sparsejax"), (ROOT / "kernels", "sparsejax.kernels"),
+                          (ROOT / "experiments", "sparsejax.experiments")):
     for path in folder.rglob("*.py"):
       parts = list(path.relative_to(folder).with_suffix("").parts)
       if parts[-1] == "__init__":
@@ -75,8 +77,16 @@ def test_imports_run_only_downward():
     visit(name, [])
 
 
-def test_a_plain_install_has_working_kernels(tmp_path):
-  """``pip install .`` (not editable) maps kernels/ to sparsejax.kernels with every module."""
+def test_the_core_imports_no_experiment():
+  for name in MODULES:
+    if not name.startswith("sparsejax.experiments"):
+      outside = {m for m in _imports(name) if m.startswith("sparsejax.experiments")}
+      assert not outside, f"{MODULES[name]} imports {sorted(outside)}: experiments sit on top"
+
+
+def test_a_plain_install_has_working_kernels_and_launchers(tmp_path):
+  """``pip install .`` (not editable) maps kernels/ and experiments/ with every module, and the
+  trainer's console script runs from any directory."""
   target = tmp_path / "site"
   # Build isolation fetches setuptools and wheel, which a fresh venv may lack.
   build = subprocess.run(
@@ -93,4 +103,7 @@ def test_a_plain_install_has_working_kernels(tmp_path):
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert pathlib.Path(result.stdout.strip()).is_relative_to(target)
+  script = subprocess.run([str(target / "bin" / "sparsejax-xmc"), "--epochs=0"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+  assert script.returncode == 2 and script.stderr == "error: --epochs must be >= 1, got 0\n"
 

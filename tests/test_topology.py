@@ -1,5 +1,7 @@
 """SET/RigL topology updates: invariants over many steps, RigL, NNX and plain-JAX training."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,6 +339,20 @@ def test_nnx_optimizer_step_rewires_and_resets_moments():
   mu = np.asarray(optimizer.opt_state.inner_state[0].mu["clf"]["values"][...])
   assert not values[changed].any() and not mu[changed].any()
   assert all(len(set(row)) == 4 for row in after.tolist())
+
+
+def test_nnx_optimizer_without_the_indices_says_what_to_pass():
+  # wrt=nnx.Param hides the topology from the transformation: it fails, naming the fix.
+  model = _Net(nnx.Rngs(0))
+  tx = sj.set_topology(optax.adamw(1e-2), key=jax.random.key(1), interval=1, end_step=10,
+                       in_features=sj.nn.fixed_fanin_sizes(model))
+  with pytest.raises(ValueError, match=re.escape(
+      "pass wrt=(nnx.Param, sparsejax.nn.Indices) to nnx.Optimizer")) as raised:
+    nnx.Optimizer(model, tx, wrt=nnx.Param)
+  assert "'clf'" in str(raised.value) and "allow_int=True" in str(raised.value)
+  assert "nnx.DiffState(0, wrt)" in str(raised.value)
+  with pytest.raises(ValueError, match="no fixed fan-in layer"):
+    tx.init({"kernel": jnp.ones((3, 2))})
 
 
 def test_static_topology_trains_values_and_keeps_indices():

@@ -1,5 +1,6 @@
 """XMC data: readers and writers, batching, the synthetic generator and the tfds builder."""
 
+import re
 import sys
 import zlib
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 
 from sparsejax.data.synthetic_xmc import signature_features, synthetic_xmc
-from sparsejax.data.xmc import (XMCDataset, XMCFormatError, batches, bow_header, epoch_order,
-                                hash_tokenize, iter_bow, pad_points, pad_tokens, read_bow,
-                                read_raw_text, steps_per_epoch, write_bow, write_raw_text)
+from sparsejax.data.xmc import (XMCDataset, XMCFormatError, batches, bow_header,
+                                check_train_test, epoch_order, hash_tokenize, iter_bow, pad_points,
+                                pad_tokens, read_bow, read_raw_text, steps_per_epoch, write_bow,
+                                write_raw_text)
 
 _FIELDS = ("feature_indptr", "feature_ids", "feature_values", "label_indptr", "label_ids")
 
@@ -126,6 +128,67 @@ def test_iter_bow_streams_up_to_the_bad_line(tmp_path):
   assert info.value.line == 4
 
 
+# Cuts of the last line "0,1 0:1.5 3:2", and what the same text gives as a complete line:
+# None where it parses (only the missing newline shows the cut), else the error.
+CUTS = {
+  "0,1 0:1.5 3:2": None, "0,1 0:1.5 3:": "value '' of feature 3 is not a number",
+  "0,1 0:1.5 3": "feature '3' has no ':'", "0,1 0:1.": None, "0,1 0:": "is not a number",
+  "0,1 ": None, "0,": "empty label id", "0": None, "1,2,": "empty label id", "0 3:0.": None,
+  "0 3:": "value '' of feature 3 is not a number",
+}
+
+
+@pytest.mark.parametrize("cut", sorted(CUTS))
+def test_bow_without_final_newline_is_cut_short(tmp_path, cut):
+  path = tmp_path / "cut.txt"
+  path.write_text("2 5 3\n" + GOOD + cut)
+  with pytest.raises(XMCFormatError, match="no trailing newline, so the file looks cut") as info:
+    read_bow(path)
+  assert (info.value.path, info.value.line) == (str(path), 3)
+  # iter_bow yields the complete points, never the cut one.
+  rows = iter_bow(path)
+  next(rows)
+  with pytest.raises(XMCFormatError, match="add the final newline"):
+    next(rows)
+  path.write_text("2 5 3\n" + GOOD + cut + "\n")
+  if CUTS[cut] is None:
+    assert len(read_bow(path)) == 2
+  else:
+    with pytest.raises(XMCFormatError, match=re.escape(CUTS[cut])) as info:
+      read_bow(path)
+    assert info.value.line == 3
+
+
+def test_bow_cut_at_a_line_end_or_in_the_header(tmp_path):
+  path = tmp_path / "cut.txt"
+  path.write_text("3 5 3\n" + GOOD)
+  with pytest.raises(XMCFormatError, match="N = 3 points, but the file ends after 1"):
+    read_bow(path)
+  path.write_text("3 5")
+  for read in (read_bow, bow_header):
+    with pytest.raises(XMCFormatError, match="looks cut short") as info:
+      read(path)
+    assert info.value.line == 1
+  path.write_bytes(b"1 5 3\r\n0 1:1\r")  # cut between CR and LF
+  with pytest.raises(XMCFormatError, match="looks cut short") as info:
+    read_bow(path)
+  assert info.value.line == 2
+
+
+def test_bow_header_n_zero_is_refused(tmp_path):
+  path = tmp_path / "empty.txt"
+  for text in ("0 5 3\n", "0 5 3\n" + GOOD):
+    path.write_text(text)
+    for read in (read_bow, bow_header):
+      with pytest.raises(XMCFormatError, match="header N = 0: the file must hold") as info:
+        read(path)
+      assert info.value.line == 1
+  empty = XMCDataset(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                     np.zeros(1, np.int64), np.zeros(0, np.int32), 5, 3)
+  with pytest.raises(ValueError, match="dataset has no points"):
+    write_bow(path, empty)
+
+
 def test_raw_text_round_trip(tmp_path):
   docs = ["Sparse training, really.", "", "ünïcode   words\tand tabs", "last"]
   indptr, ids = np.array([0, 2, 2, 3, 6]), np.array([1, 4, 0, 0, 2, 7], np.int32)
@@ -168,6 +231,27 @@ def test_raw_text_malformed_raises_with_file_and_line(tmp_path, case):
   assert (info.value.path, info.value.line) == (str(paths[bad_file]), line)
 
 
+def test_raw_text_cut_short_or_empty_is_refused(tmp_path):
+  x, y = tmp_path / "x.txt", tmp_path / "y.txt"
+  # A label file cut inside "1,23": "1,2" would otherwise read as a valid, wrong set.
+  x.write_bytes(b"a\nb\n")
+  y.write_bytes(b"0\n1,2")
+  with pytest.raises(XMCFormatError, match="looks cut short") as info:
+    read_raw_text(x, y)
+  assert (info.value.path, info.value.line) == (str(y), 2)
+  x.write_bytes(b"a\nb wor")
+  with pytest.raises(XMCFormatError, match="looks cut short") as info:
+    read_raw_text(x, y)
+  assert (info.value.path, info.value.line) == (str(x), 2)
+  x.write_bytes(b"")
+  y.write_bytes(b"")
+  with pytest.raises(XMCFormatError, match="empty file, expected at least one document") as info:
+    read_raw_text(x, y)
+  assert info.value.path == str(x)
+  with pytest.raises(ValueError, match="no documents"):
+    write_raw_text(x, y, [], np.zeros(1, np.int64), np.zeros(0, np.int32))
+
+
 # ---------------------------------------------------------------------- container
 
 
@@ -205,11 +289,57 @@ def _replace(**changes):
   (dict(label_indptr=np.array([0, 2, 2, 3, 4])), r"same number of points"),
   (dict(label_indptr=np.array([0, 2, 2, 3, 3, 3])), r"must end with the number of ids 4"),
   (dict(feature_indptr=np.array([0, 3, 2, 3, 3, 5])), r"non-decreasing"),
-  (dict(num_labels=0), r"num_labels must be a positive integer"),
+  (dict(num_labels=0), r"num_labels must be an integer in \[1, 2147483647\], got 0"),
+  (dict(num_features=-3), r"num_features must be an integer in \[1,"),
+  (dict(num_features=5.0), r"num_features must be an integer, got 5.0"),
 ])
 def test_dataset_rejects_inconsistent_arrays(changes, message):
   with pytest.raises(ValueError, match=message):
     XMCDataset(**_replace(**changes))
+
+
+def _with_labels(data: XMCDataset, indptr, ids) -> XMCDataset:
+  return XMCDataset(data.feature_indptr, data.feature_ids, data.feature_values, np.asarray(indptr),
+                    np.asarray(ids), data.num_features, data.num_labels)
+
+
+def test_check_train_test_accepts_a_matching_pair(small):
+  check_train_test(*small)
+  # Points without labels are normal, as long as some point has one.
+  data = edge_dataset()
+  check_train_test(data, data.take(np.array([3, 4])))
+
+
+def test_check_train_test_refuses_unusable_pairs(tmp_path):
+  data = edge_dataset()
+  no_labels = _with_labels(data, np.zeros(6, np.int64), np.zeros(0, np.int32))
+  with pytest.raises(ValueError, match="tr.txt has no positive label at all"):
+    check_train_test(no_labels, data, train_name="tr.txt", test_name="te.txt")
+  with pytest.raises(ValueError, match="te.txt has no positive label at all"):
+    check_train_test(data, no_labels, train_name="tr.txt", test_name="te.txt")
+  # The same, read from files: a training file that parses but has no labels.
+  (tmp_path / "tr.txt").write_text("2 5 3\n 0:1\n1:2\n")
+  write_bow(tmp_path / "te.txt", data)
+  with pytest.raises(ValueError, match="has no positive label at all"):
+    check_train_test(read_bow(tmp_path / "tr.txt"), read_bow(tmp_path / "te.txt"))
+  # A test header with more (or fewer) features or labels than the training header.
+  for name, size, relation in (("num_features", 7, "more"), ("num_labels", 4, "more"),
+                                ("num_labels", 2, "fewer")):
+    other = XMCDataset(**_replace(label_ids=np.array([0, 1, 1, 0]), **{name: size}))
+    message = (f"te.txt has {name} = {size} ({relation} than tr.txt's {getattr(data, name)}); "
+               "the model's sizes are the training set's, so the headers' D and L must agree")
+    with pytest.raises(ValueError, match=re.escape(message)):
+      check_train_test(data, other, train_name="tr.txt", test_name="te.txt")
+  empty = data.take(np.zeros(0, np.int64))
+  with pytest.raises(ValueError, match="train has no points"):
+    check_train_test(empty, data)
+  with pytest.raises(ValueError, match="test has no points"):
+    check_train_test(data, empty)
+  no_features = XMCDataset(np.zeros(6, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                           data.label_indptr, data.label_ids, 5, 3)
+  with pytest.raises(ValueError, match="train has no feature at all"):
+    check_train_test(no_features, data)
+  check_train_test(data, no_features)  # a test point without features still gets scored
 
 
 # ----------------------------------------------------------------------- batching
@@ -238,7 +368,7 @@ def test_epoch_order_is_deterministic_and_seed_dependent():
   np.testing.assert_array_equal(a, epoch_order(1000, seed=5, epoch=2))
   assert not np.array_equal(a, epoch_order(1000, seed=6, epoch=2))
   assert not np.array_equal(a, epoch_order(1000, seed=5, epoch=3))
-  with pytest.raises(ValueError, match="non-negative"):
+  with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
     epoch_order(10, seed=-1, epoch=0)
 
 
@@ -297,6 +427,26 @@ def test_synthetic_is_deterministic_by_seed():
   assert sig.shape == (2, 8) and sig.min() >= 0 and sig.max() < 1000
   np.testing.assert_array_equal(sig, signature_features(np.array([0, 199]), seed=7,
                                                         num_features=1000, signature_size=8))
+
+
+@pytest.mark.parametrize("changes, message", [
+  (dict(num_labels=0), "num_labels must be an integer in [1, 2147483647], got 0"),
+  (dict(num_labels=2**31), "num_labels must be an integer in [1, 2147483647], got 2147483648"),
+  (dict(num_features=64.0), "num_features must be an integer, got 64.0"),
+  (dict(num_train=0), "num_train must be an integer >= 1, got 0"),
+  (dict(num_test=-1), "num_test must be an integer >= 0, got -1"),
+  (dict(seed=True), "seed must be an integer, got True"),
+  (dict(signature_size=2.5), "signature_size must be an integer, got 2.5"),
+  (dict(max_labels=0), "max_labels must be an integer >= 1, got 0"),
+  (dict(mean_labels=float("nan")), "need 1 <= mean_labels <= max_labels, got nan, 8"),
+  (dict(signature_keep=0.0), "need 0 < signature_keep <= 1, got 0.0"),
+  (dict(zipf_exponent=float("nan")), "zipf_exponent must be finite and >= 0, got nan"),
+  (dict(mean_background=float("inf")), "mean_background must be finite and >= 0, got inf"),
+])
+def test_synthetic_refuses_bad_arguments(changes, message):
+  kwargs = dict(seed=0, num_train=10, num_test=5, num_features=64, num_labels=16) | changes
+  with pytest.raises(ValueError, match=re.escape(message)):
+    synthetic_xmc(**kwargs)
 
 
 def test_synthetic_has_zipf_labels_and_unit_rows():

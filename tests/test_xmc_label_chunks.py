@@ -161,6 +161,29 @@ def test_chunked_loss_rejects_bad_input(change, match):
                      args.pop("label_ids"), args.pop("label_mask"), **args)
 
 
+def test_label_ids_are_checked_when_concrete_and_by_checkify_when_traced():
+  from jax.experimental import checkify
+  logits_fn, params, _ = _classifier("dense")
+  h = jnp.ones((B, D))
+  padded = np.where(LABEL_MASK, LABEL_IDS, -7)  # masked-out padding may hold any id
+  loss = lambda ids: xmc.chunked_loss(logits_fn, params, h, ids, LABEL_MASK, chunk_size=8)
+  np.testing.assert_allclose(loss(padded), loss(LABEL_IDS), rtol=1e-6)
+  bad = LABEL_IDS.copy()
+  bad[4, 2] = L
+  with pytest.raises(ValueError, match=r"label_ids\[4, 2\] = 37 is out of range for L=37"):
+    loss(bad)
+
+  def checked(ids):
+    xmc.check_label_ids(ids, LABEL_MASK, L)
+    return loss(ids)  # traced ids: trusted, the out-of-range one is dropped
+
+  run = checkify.checkify(jax.jit(checked))
+  err, value = run(padded)
+  assert err.get() is None and np.isclose(value, loss(LABEL_IDS))
+  err, _ = run(bad)
+  assert "label_ids[4, 2] = 37 is out of range for L=37" in err.get()
+
+
 @pytest.mark.parametrize("k, chunk_size, match", [(0, 4, "k must"), (L + 1, 4, "k must"),
                                                  (3, 0, "chunk_size")])
 def test_chunked_topk_rejects_bad_input(k, chunk_size, match):

@@ -15,11 +15,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments.xmc import evaluate, train
-from sparsejax.xmc import METRIC_NAMES, checkpoint_manager, in_classifier
+from sparsejax.xmc import METRIC_NAMES, checkpoint_manager, in_classifier, read_checkpoint
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -28,19 +27,10 @@ ROOT = pathlib.Path(__file__).parents[1]
 # aux objective for the first epoch, checkpoints every 10 steps and at epoch ends.
 SMALL = dict(num_train=1000, num_test=200, num_labels=202, num_features=512, embed_dim=16,
              batch_size=40, label_chunk=64, epochs=2, fan_in=8, set_interval=5, aux=True,
-             aux_epochs=1.0, cluster_size=16, eval_every=0, checkpoint_every=10, step_log=True)
+             aux_epochs=1.0, cluster_size=16, eval_every=0, checkpoint_every=10, step_log=True,
+             warmup_steps=49, valid_fraction=0.0)
 STEPS = 50
 LABELS = SMALL["num_labels"]
-
-
-def _final_checkpoint(out_dir):
-  """``(step, state)`` of the latest checkpoint, every array on this process's first device."""
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with checkpoint_manager(out_dir) as manager:
-    step = manager.latest_step()
-    target = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=one),
-                          manager.item_metadata(step).tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return step, manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def _step_losses(out_dir) -> np.ndarray:
@@ -91,7 +81,7 @@ def single_run(tmp_path_factory):
 def mesh_run(tmp_path_factory):
   assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   config, results = _run(tmp_path_factory, "mesh", mesh="data:2,labels:4")
-  return config, results, _final_checkpoint(config.output_dir)
+  return config, results, read_checkpoint(config.output_dir)
 
 
 def test_mesh_run_matches_one_device(single_run, mesh_run):
@@ -105,7 +95,7 @@ def test_mesh_run_matches_one_device(single_run, mesh_run):
   assert losses.shape == (STEPS,) and losses[-1] < 0.8 * losses[0]
   np.testing.assert_allclose(losses, reference, rtol=1e-4)
   _assert_metrics_close(results["metrics"], single_results["metrics"])
-  _, single_state = _final_checkpoint(single.output_dir)
+  _, single_state = read_checkpoint(single.output_dir)
   _assert_states_close(state, single_state)
   # SET rewired (topology_changed) the same share of the topology.
   changed = [float(r["topology_changed"]) for r in results["epochs"]]
@@ -133,7 +123,7 @@ def test_checkpoint_from_2x4_resumes_on_1x8(mesh_run):
     assert manager.latest_step() == 40
   resumed = train.run(dataclasses.replace(config, mesh="labels:8"))
   assert resumed["mesh"] == {"data": 1, "labels": 8}
-  step, state = _final_checkpoint(config.output_dir)
+  step, state = read_checkpoint(config.output_dir)
   assert step == STEPS
   assert state["model"]["classifier"]["values"].shape == (208, SMALL["fan_in"])  # re-padded
   _assert_states_close(state, straight)
@@ -183,8 +173,8 @@ def test_two_processes_agree_with_one(tmp_path):
 
   reference = train.Config(output_dir=str(tmp_path / "one"), mesh=mesh, **config)
   results = train.run(reference, devices=jax.devices()[:4])
-  step_a, state_a = _final_checkpoint(out)
-  step_b, state_b = _final_checkpoint(reference.output_dir)
+  step_a, state_a = read_checkpoint(out)
+  step_b, state_b = read_checkpoint(reference.output_dir)
   assert step_a == step_b == STEPS
   # The same partitioned program, its collectives over gloo: bit for bit (measured).
   leaves_a, tree_a = jax.tree.flatten(state_a)

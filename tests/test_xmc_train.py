@@ -19,9 +19,9 @@ from flax import nnx
 import sparsejax as sj
 from experiments.xmc import evaluate, train
 from sparsejax.data.xmc import batches, pad_points
-from sparsejax.xmc import (METRIC_NAMES, XMCModel, aux_weight_at, checkpoint_manager,
+from sparsejax.xmc import (METRIC_NAMES, XMCModel, aux_weight_at,
                            chunked_topk, make_train_step, predict, ranking_metrics,
-                           resolve_compute_dtype, resolve_label_chunk)
+                           read_checkpoint, resolve_compute_dtype, resolve_label_chunk)
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -50,7 +50,7 @@ def dense_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def popularity_p1():
   """P@1 of predicting the most frequent training labels for every test point."""
-  data, test = train.load_data(train.Config(**TINY))
+  data, _, test, _ = train.load_data(train.Config(**TINY))
   top = np.argsort(-data.label_counts(), kind="stable")[:5]
   batch = pad_points(test, np.arange(len(test)), max_features=test.max_features_per_point(),
                      max_labels=test.max_labels_per_point())
@@ -68,9 +68,9 @@ def test_sparse_model_reaches_stated_p1_and_set_rewires(sparse_run, popularity_p
   changed = [float(r["topology_changed"]) for r in epochs]
   # SET rewired a large part of the topology while it ran (until 2/3 of training).
   assert changed[0] > 0.05 and changed[-1] > 0.3, changed
-  steps = config.epochs * (config.num_train // config.batch_size)
-  with checkpoint_manager(config.output_dir) as manager:
-    saved = manager.restore(manager.latest_step())
+  training_points = len(train.load_data(config).train)  # 10 % are held out for validation
+  steps = config.epochs * (training_points // config.batch_size)
+  _, saved = read_checkpoint(config.output_dir)
   assert int(saved["step"]) == steps
   indices = np.asarray(saved["model"]["classifier"]["indices"])
   assert indices.shape == (config.num_labels, config.fan_in)
@@ -114,18 +114,14 @@ def test_resume_refuses_a_different_config(sparse_run):
 
 
 def _train_command(out_dir) -> list[str]:
-  # 3 epochs of 40 steps; checkpoints every 10 steps; aux until epoch 2; SET every 5 steps.
+  # 3 epochs of 35 steps (207 of the 2,000 points are held out for validation); checkpoints
+  # every 10 steps; aux until epoch 2; SET every 5 steps.
   flags = dict(num_train=2000, num_test=200, num_labels=200, num_features=1024, embed_dim=32,
                batch_size=50, label_chunk=64, epochs=3, fan_in=8, set_interval=5, aux=True,
                cluster_size=16, eval_every=0, checkpoint_every=10, step_log=True,
                output_dir=str(out_dir))
   return [sys.executable, "-m", "experiments.xmc.train"] + [
       f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()]
-
-
-def _final_checkpoint(out_dir):
-  with checkpoint_manager(out_dir) as manager:
-    return manager.latest_step(), manager.restore(manager.latest_step())
 
 
 def _step_rows(out_dir):
@@ -135,7 +131,7 @@ def _step_rows(out_dir):
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
   """A run killed (SIGKILL) mid-epoch and restarted ends exactly as an uninterrupted one."""
-  total = 3 * 40
+  total = 3 * 35
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   subprocess.run(_train_command(straight), cwd=ROOT, check=True, capture_output=True)
 
@@ -149,13 +145,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
       time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-  interrupted_at, _ = _final_checkpoint(killed)
+  interrupted_at, _ = read_checkpoint(killed)
   assert 50 <= interrupted_at < total
   attempted = _step_rows(killed)  # includes steps run after the last checkpoint
 
   subprocess.run(_train_command(killed), cwd=ROOT, check=True, capture_output=True)
-  step_a, state_a = _final_checkpoint(straight)
-  step_b, state_b = _final_checkpoint(killed)
+  step_a, state_a = read_checkpoint(straight)
+  step_b, state_b = read_checkpoint(killed)
   assert step_a == step_b == total
   leaves_a, tree_a = jax.tree.flatten(state_a)
   leaves_b, tree_b = jax.tree.flatten(state_b)
@@ -175,7 +171,7 @@ def _step_memory(num_labels: int, batch_size: int, label_chunk: int) -> int:
   """Compiled temporary bytes of the sparse (SET) train step; compiled only, not run."""
   config = train.Config(num_labels=num_labels, batch_size=batch_size, label_chunk=label_chunk,
                         embed_dim=32, fan_in=8)
-  model, optimizer = train.build(config, 1024, num_labels, total_steps=100)
+  model, optimizer = train.build(config, 1024, num_labels, total_steps=101)
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(optimizer)
   step = make_train_step(model_def, opt_def, optimizer.wrt, loss=config.loss,
@@ -250,8 +246,10 @@ def test_aux_weight_is_cosine_decayed_to_zero_at_its_end_step():
   assert aux_weight_at(0, initial=0.4, end_step=0.0) == 0.0
 
 
-# 1,000 points of 50: 20 steps an epoch; rewiring every 5 steps until step 40 of 60.
-SMALL = dict(TINY, num_train=1000, num_test=200, epochs=3, set_interval=5, fan_in=8)
+# 899 of 1,000 points train (the rest are held out for validation): 17 steps of 50 an epoch,
+# 51 in all; rewiring every 5 steps until step 33; warm-up over all steps but the last.
+SMALL = dict(TINY, num_train=1000, num_test=200, epochs=3, set_interval=5, fan_in=8,
+             warmup_steps=50)
 
 
 def test_rigl_run_rewires_to_valid_rows_and_learns(tmp_path_factory):
@@ -263,7 +261,7 @@ def test_rigl_run_rewires_to_valid_rows_and_learns(tmp_path_factory):
   assert changed[0] > 0.05 and changed[-1] >= changed[0], changed
   losses = [float(r["loss"]) for r in epochs]
   assert losses[-1] < losses[0], losses
-  _, saved = _final_checkpoint(config.output_dir)
+  _, saved = read_checkpoint(config.output_dir)
   indices = np.asarray(saved["model"]["classifier"]["indices"]).astype(np.int64)
   assert indices.shape == (config.num_labels, config.fan_in)
   assert indices.min() >= 0 and indices.max() < config.embed_dim
@@ -273,7 +271,7 @@ def test_rigl_run_rewires_to_valid_rows_and_learns(tmp_path_factory):
                                                   "with_aux_rewire"}
   with pytest.raises(ValueError, match="regrowth must be"):
     train.run(dataclasses.replace(config, regrowth="grow"))
-  with pytest.raises(ValueError, match="needs fan_in > 0"):
+  with pytest.raises(ValueError, match="needs --fan_in > 0"):
     train.run(dataclasses.replace(config, fan_in=0))
 
 
@@ -283,8 +281,8 @@ def test_plain_and_rewiring_steps_follow_the_single_cond_step():
   The same rewiring steps and topology; the weights agree to float rounding only, since
   XLA fuses (and contracts into FMAs) the Adam step differently in the executables.
   """
-  config = train.Config(**{**SMALL, "aux": False})
-  data, _ = train.load_data(config)
+  config = train.Config(**{**SMALL, "aux": False, "warmup_steps": 29})
+  data = train.load_data(config).train
   total_steps = 30
   widths = dict(max_features=data.max_features_per_point(),
                 max_labels=data.max_labels_per_point())
@@ -331,7 +329,7 @@ def test_bfloat16_compute_runs_on_cpu_and_auto_resumes(tmp_path_factory, fan_in)
   losses = [float(r["loss"]) for r in results["epochs"]]
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
   assert results["metrics"]["P@1"] > 0.2, results["metrics"]
-  _, saved = _final_checkpoint(config.output_dir)
+  _, saved = read_checkpoint(config.output_dir)
   assert all(np.asarray(x).dtype != jnp.bfloat16 for x in jax.tree.leaves(saved))  # f32 master
   stored = json.loads((pathlib.Path(config.output_dir) / "config.json").read_text())
   assert stored["label_chunk"] == 0 and stored["compute_dtype"] == "bfloat16"
@@ -345,11 +343,11 @@ def test_bfloat16_compute_runs_on_cpu_and_auto_resumes(tmp_path_factory, fan_in)
 @pytest.mark.slow  # fast representatives: test_topology's RigL candidates on a mesh
 def test_rigl_on_a_mesh_gives_the_one_device_topology(tmp_path_factory):
   # 198 labels: padded to 200 rows over 4 label shards; candidates sharded by rows.
-  sizes = dict(SMALL, num_labels=198, epochs=2, regrowth="rigl")
+  sizes = dict(SMALL, num_labels=198, epochs=2, warmup_steps=33, regrowth="rigl")
   indices = {}
   for mesh in ("", "data:2,labels:4"):
     config, results = _run(tmp_path_factory, "rigl_mesh", **sizes, mesh=mesh)
     assert float(results["epochs"][0]["topology_changed"]) > 0.05
-    _, saved = _final_checkpoint(config.output_dir)
+    _, saved = read_checkpoint(config.output_dir)
     indices[mesh] = np.asarray(saved["model"]["classifier"]["indices"])[:198]
   np.testing.assert_array_equal(indices["data:2,labels:4"], indices[""])

@@ -31,9 +31,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
-from experiments.common import config_flags
-from experiments.common.byte_lm import ByteLM, dense_linear
-from experiments.common.config_flags import field
+from ..common import config_flags
+from ..common.byte_lm import ByteLM, dense_linear
+from ..common.config_flags import field
 from sparsejax.data import sample_windows, stdlib_byte_corpus
 
 METHODS = ("dense", "mvue:1:2", "mvue:2:4", "mvue_approx:2:4", "greedy:1:2", "greedy:2:4")

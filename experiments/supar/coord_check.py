@@ -24,8 +24,8 @@ import optax
 from absl import app, flags
 
 import sparsejax as sj
-from experiments.common import config_flags
-from experiments.common.config_flags import field
+from ..common import config_flags
+from ..common.config_flags import field
 from sparsejax import supar
 
 _LAYERS = ("fixed_fanin", "masked")

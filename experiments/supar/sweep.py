@@ -43,10 +43,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sparsejax as sj
-from experiments.common import config_flags
-from experiments.common.byte_lm import ByteLM, LinearFactory, dense_linear
-from experiments.common.config_flags import field
-from experiments.supar import coord_check
+from ..common import config_flags
+from ..common.byte_lm import ByteLM, LinearFactory, dense_linear
+from ..common.config_flags import field
+from . import coord_check
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
 

@@ -58,31 +58,37 @@ import json
 import pathlib
 import time
 import zlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 import sparsejax as sj
-from experiments.common import config_flags
+from ..common import config_flags
+from ..common.config_flags import ConfigError
+from ..common.progress import Progress
 from sparsejax.data.synthetic_xmc import synthetic_xmc
-from sparsejax.data.xmc import XMCDataset, batches, read_bow, steps_per_epoch
+from sparsejax.data.xmc import (XMCDataset, batches, check_train_test, read_bow, split_off,
+                                steps_per_epoch)
 from sparsejax.xmc import (LOSSES, METRIC_NAMES, Layout, XMCModel, aux_weight_at,
-                           checkpoint_manager, evaluate, format_table, initial_classifier_bias,
+                           checkpoint_manager, format_table, initial_classifier_bias,
                            inverse_propensity, label_clusters, make_optimizer, make_train_steps,
-                           put, resolve_compute_dtype, resolve_label_chunk, restore,
-                           rigl_num_candidates, save, to_host)
+                           predict_dataset, put, resolve_compute_dtype, resolve_label_chunk,
+                           restore, rigl_num_candidates, save, saved_config, score, to_host,
+                           write_predictions)
 
-__all__ = ["Config", "read_config", "load_data", "build", "run", "define_flags", "main"]
+__all__ = ["Config", "TrainingDiverged", "check_config", "read_config", "load_data", "build", "run",
+           "define_flags", "main"]
 
 # Fields that may change when a run resumes: they do not affect training (``mesh``
-# only through the order of floating-point reductions).
-_RESUMABLE = {"eval_every", "eval_batch_size", "propensity_a", "propensity_b",
-              "checkpoint_every", "step_log", "mesh"}
+# only through the order of floating-point reductions; ``output_dir`` is where the run
+# is, so a moved or copied run directory resumes).
+_RESUMABLE = {"eval_every", "eval_batch_size", "predict_k", "propensity_a", "propensity_b",
+              "checkpoint_every", "step_log", "mesh", "output_dir"}
 _field = config_flags.field
 
 
@@ -92,63 +98,78 @@ class Config:
   # Data.
   dataset: str = _field("synthetic", "'synthetic', or a directory with train.txt and test.txt "
                         "in the Extreme Classification Repository's BoW format")
-  num_train: int = _field(20_000, "synthetic data: training points")
-  num_test: int = _field(5_000, "synthetic data: test points")
-  num_features: int = _field(16_384, "synthetic data: feature vocabulary D")
-  num_labels: int = _field(4_096, "synthetic data: labels L")
-  data_seed: int = _field(0, "synthetic data: seed of the generator")
+  num_train: int = _field(20_000, "synthetic data: training points", at_least=1)
+  num_test: int = _field(5_000, "synthetic data: test points", at_least=1)
+  num_features: int = _field(16_384, "synthetic data: feature vocabulary D", at_least=1)
+  num_labels: int = _field(4_096, "synthetic data: labels L", at_least=1)
+  data_seed: int = _field(0, "synthetic data: seed of the generator (and of the validation "
+                          "split)", at_least=0)
+  valid_fraction: float = _field(0.1, "share of the training points held out for validation "
+                                 "(per-epoch metrics), by a stable hash of each point's index; "
+                                 "unused when the dataset directory has a valid.txt; 0: no "
+                                 "validation split", at_least=0, at_most=0.5)
 
   # The model.
-  embed_dim: int = _field(128, "width of the embedding bag and of the MLP")
-  hidden_layers: int = _field(1, "residual MLP blocks z + Linear(ReLU(z)) after the bag")
-  intermediate: int = _field(0, "width of a linear layer before the classifier (0: none)")
+  embed_dim: int = _field(128, "width of the embedding bag and of the MLP", at_least=1)
+  hidden_layers: int = _field(1, "residual MLP blocks z + Linear(ReLU(z)) after the bag",
+                              at_least=0)
+  intermediate: int = _field(0, "width of a linear layer before the classifier (0: none)",
+                             at_least=0)
   fan_in: int = _field(32, "inputs K of each label of the fixed fan-in classifier "
-                       "(0: dense classifier)")
-  loss: str = _field("squared_hinge", "'squared_hinge' or 'bce', summed over all labels")
+                       "(0: dense classifier); at most the classifier's input width", at_least=0)
+  loss: str = _field("squared_hinge", "summed over all labels", choices=LOSSES)
   label_chunk: int = _field(0, "labels scored at once in the loss and the top-k (0: auto, "
-                            "65536 on GPU, 4096 on CPU)")
+                            "65536 on GPU, 4096 on CPU)", at_least=0)
   compute_dtype: str = _field("auto", "dtype of the classifier's input (and of the dense "
                               "classifier's weights) in the logits: 'float32', 'bfloat16' "
                               "or 'auto' (bfloat16 on GPU, float32 on CPU); weights, Adam "
-                              "state and loss stay float32")
+                              "state and loss stay float32",
+                              choices=("auto", "float32", "bfloat16"))
 
   # The auxiliary cluster objective.
   aux: bool = _field(False, "auxiliary objective: BCE of a head over label clusters")
-  aux_weight: float = _field(0.4, "initial weight a of the auxiliary loss")
+  aux_weight: float = _field(0.4, "initial weight a of the auxiliary loss", at_least=0,
+                             at_most=1)
   aux_epochs: float = _field(2.0, "epoch at which the cosine-decayed a reaches 0 and the "
-                             "head stops being trained")
-  cluster_size: int = _field(64, "labels per cluster (balanced k-means of label centroids)")
+                             "head stops being trained", above=0)
+  cluster_size: int = _field(64, "labels per cluster (balanced k-means of label centroids)",
+                            at_least=1)
 
   # Optimisation.
-  epochs: int = _field(10, "passes over the training set")
-  batch_size: int = _field(128, "points per step")
-  seed: int = _field(0, "seed of the initialisation, the SET rewiring and the data order")
-  encoder_lr: float = _field(3e-3, "peak Adam learning rate of everything but the classifier")
-  classifier_lr: float = _field(1e-2, "peak Adam learning rate of the classifier")
+  epochs: int = _field(10, "passes over the training set", at_least=1)
+  batch_size: int = _field(128, "points per step", at_least=1)
+  seed: int = _field(0, "seed of the initialisation, the SET rewiring and the data order",
+                     at_least=0)
+  encoder_lr: float = _field(3e-3, "peak Adam learning rate of everything but the classifier",
+                             above=0)
+  classifier_lr: float = _field(1e-2, "peak Adam learning rate of the classifier", above=0)
   warmup_steps: int = _field(100, "linear warm-up of both learning rates, then cosine decay "
-                             "to 0 at the end of the run")
+                             "to 0 at the end of the run (fewer steps than the run)",
+                             at_least=0)
 
   # Rewiring of the fixed fan-in classifier (SET or RigL).
   set_interval: int = _field(50, "SET rewires the fixed fan-in classifier every this many "
-                             "steps (0: static topology)")
+                             "steps (0: static topology)", at_least=0)
   set_fraction: float = _field(0.3, "initial fraction of each row that SET prunes and "
-                               "regrows (cosine-decayed)")
-  set_until: float = _field(0.66, "fraction of the run after which SET stops")
+                               "regrows (cosine-decayed)", at_least=0, at_most=1)
+  set_until: float = _field(0.66, "fraction of the run after which SET stops", above=0,
+                            at_most=1)
   regrowth: str = _field("random", "how rewiring regrows the pruned slots: 'random' (SET) or "
-                         "'rigl' (largest dense gradient)")
+                         "'rigl' (largest dense gradient)", choices=("random", "rigl"))
 
   # Evaluation.
-  propensity_a: float = _field(0.55, "A of the inverse propensities (PSP@k)")
-  propensity_b: float = _field(1.5, "B of the inverse propensities (PSP@k)")
-  eval_every: int = _field(1, "evaluate on the test set every this many epochs "
-                           "(0: only at the end)")
-  eval_batch_size: int = _field(512, "points per forward pass when evaluating")
+  propensity_a: float = _field(0.55, "A of the inverse propensities (PSP@k)", above=0)
+  propensity_b: float = _field(1.5, "B of the inverse propensities (PSP@k)", at_least=0)
+  eval_every: int = _field(1, "evaluate on the validation split every this many epochs "
+                           "(0: never; the test set is scored once, at the end)", at_least=0)
+  eval_batch_size: int = _field(512, "points per forward pass when evaluating", at_least=1)
+  predict_k: int = _field(10, "labels per test point in predictions_test.txt", at_least=5)
 
   # Outputs and devices.
   output_dir: str = _field("runs/xmc", "config, checkpoints, CSVs and metrics.json; a run "
                            "started again here resumes")
   checkpoint_every: int = _field(0, "also checkpoint every this many steps "
-                                 "(0: at epoch ends only)")
+                                 "(0: at epoch ends only)", at_least=0)
   step_log: bool = _field(False, "write steps.csv: each step's loss and a CRC of its batch")
   mesh: str = _field("", "device mesh 'data:D,labels:M', e.g. 'data:2,labels:4' (D * M = all "
                      "devices of all processes): each batch is split over D devices, the "
@@ -169,18 +190,76 @@ class Config:
 
 
 def read_config(output_dir) -> Config:
-  """The ``Config`` saved in a run's ``config.json``."""
-  return Config(**json.loads((pathlib.Path(output_dir) / "config.json").read_text()))
+  """The ``Config`` of a run: its ``config.json``, or without one, its newest checkpoint's.
+
+  Raises:
+    ConfigError: ``config.json`` is not a readable config (the message names
+      it), or the run has neither.
+  """
+  path = pathlib.Path(output_dir) / "config.json"
+  if path.exists():
+    return Config(**_read_config_file(path))
+  saved = saved_config(checkpoint_manager(output_dir))
+  if saved is None:
+    raise ConfigError(f"{output_dir} holds no run: no config.json and no checkpoint")
+  return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
 
 
-def load_data(config: Config) -> tuple[XMCDataset, XMCDataset]:
-  """``(train, test)``: generated, or read from ``{dataset}/train.txt`` and ``test.txt``."""
+def _read_config_file(path: pathlib.Path) -> dict:
+  """The fields in a ``config.json``; ``ConfigError`` naming the file if it is not one."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is not a readable config ({str(e).splitlines()[0]}); the "
+                      "checkpoints hold the run's configuration: delete the file to resume, "
+                      "or restore it") from None
+  names = {f.name for f in dataclasses.fields(Config)}
+  if not isinstance(saved, dict) or not saved.keys() <= names:
+    unknown = sorted(saved.keys() - names) if isinstance(saved, dict) else type(saved).__name__
+    raise ConfigError(f"{path} is not a config of this trainer (unknown: {unknown}); delete "
+                      "the file to resume from the checkpoints, or restore it")
+  return saved
+
+
+class Data(NamedTuple):
+  """A run's splits; ``valid`` is None without a validation split."""
+  train: XMCDataset
+  valid: XMCDataset | None
+  test: XMCDataset
+  valid_source: str  # where ``valid`` comes from, for the log and metrics.json
+
+
+def load_data(config: Config) -> Data:
+  """The run's splits: generated, or read from ``{dataset}/train.txt``, ``test.txt``, ``valid.txt``.
+
+  The validation split is ``valid.txt`` where the dataset directory has one,
+  else the ``valid_fraction`` of the training points that ``split_off`` holds
+  out (with ``data_seed``; none for 0). A pair of splits that no run can use
+  (no labels, other feature or label counts) is refused
+  (``sparsejax.data.xmc.check_train_test``).
+  """
+  valid, source = None, "none"
   if config.dataset == "synthetic":
-    return synthetic_xmc(seed=config.data_seed, num_train=config.num_train,
-                         num_test=config.num_test, num_features=config.num_features,
-                         num_labels=config.num_labels)
-  root = pathlib.Path(config.dataset)
-  return read_bow(root / "train.txt"), read_bow(root / "test.txt")
+    train, test = synthetic_xmc(seed=config.data_seed, num_train=config.num_train,
+                                num_test=config.num_test, num_features=config.num_features,
+                                num_labels=config.num_labels)
+    names = {}
+  else:
+    root = pathlib.Path(config.dataset)
+    train, test = read_bow(root / "train.txt"), read_bow(root / "test.txt")
+    names = dict(train_name=str(root / "train.txt"), test_name=str(root / "test.txt"))
+    if (root / "valid.txt").is_file():
+      valid, source = read_bow(root / "valid.txt"), str(root / "valid.txt")
+      check_train_test(train, valid, train_name=names["train_name"], test_name=source)
+  check_train_test(train, test, **names)
+  if valid is None and config.valid_fraction:
+    kept, held = split_off(len(train), config.valid_fraction, seed=config.data_seed)
+    if not held.size or not kept.size:
+      raise ConfigError(f"--valid_fraction={config.valid_fraction} leaves an empty split of "
+                        f"the {len(train)} training points")
+    train, valid = train.take(kept), train.take(held)
+    source = f"{held.size} of the training points (--valid_fraction={config.valid_fraction})"
+  return Data(train, valid, test, source)
 
 
 def _keys(config: Config):
@@ -188,18 +267,50 @@ def _keys(config: Config):
   return jax.random.split(jax.random.key(config.seed), 3)
 
 
-def _check_config(config: Config) -> None:
-  """Refuses values of ``config`` that no run can use."""
-  if config.loss not in LOSSES:
-    raise ValueError(f"loss must be one of {LOSSES}, got {config.loss!r}")
-  resolve_compute_dtype(config.compute_dtype)
-  resolve_label_chunk(config.label_chunk)
-  if config.regrowth not in ("random", "rigl"):
-    raise ValueError(f"regrowth must be 'random' or 'rigl', got {config.regrowth!r}")
+def check_config(config: Config) -> None:
+  """Refuses, before any work, values of ``config`` that no run can use.
+
+  Each field's range (``experiments.common.config_flags.check``), then the
+  rules between fields and the dataset directory.
+
+  Raises:
+    ConfigError: naming the flag, the allowed values and the fix.
+  """
+  config_flags.check(config)
+  if config.dataset != "synthetic":
+    root = pathlib.Path(config.dataset)
+    missing = [name for name in ("train.txt", "test.txt") if not (root / name).is_file()]
+    if missing:
+      where = "does not exist" if not root.exists() else f"has no {' and no '.join(missing)}"
+      raise ConfigError(f"--dataset={config.dataset}: the directory {where}; give 'synthetic' "
+                        "or a directory with train.txt and test.txt (BoW format)")
+  width = config.intermediate or config.embed_dim
+  if config.fan_in > width:
+    source = "--intermediate" if config.intermediate else "--embed_dim"
+    raise ConfigError(f"--fan_in={config.fan_in} exceeds the classifier's input width {width} "
+                      f"({source}); use --fan_in <= {width}, or 0 for a dense classifier")
   if config.regrowth == "rigl" and not config.rewires:
-    raise ValueError("regrowth='rigl' rewires the fixed fan-in classifier: it needs "
-                     f"fan_in > 0 and set_interval > 0 (got {config.fan_in}, "
-                     f"{config.set_interval})")
+    raise ConfigError("--regrowth=rigl rewires the fixed fan-in classifier: it needs "
+                      f"--fan_in > 0 and --set_interval > 0 (got {config.fan_in}, "
+                      f"{config.set_interval})")
+  if not config.output_dir:
+    raise ConfigError("--output_dir must not be empty")
+
+
+def _steps(config: Config, train: XMCDataset, layout: Layout | None) -> tuple[int, int]:
+  """``(steps per epoch, total steps)``; ``ConfigError`` where the data does not fit the flags."""
+  if config.batch_size > len(train):
+    raise ConfigError(f"--batch_size={config.batch_size} exceeds the {len(train)} training "
+                      "points")
+  per_epoch = steps_per_epoch(len(train), batch_size=config.batch_size)
+  total = config.epochs * per_epoch
+  if layout is not None and config.batch_size % layout.mesh.shape["data"]:
+    raise ConfigError(f"--batch_size={config.batch_size} is not a multiple of the "
+                      f"{layout.mesh.shape['data']} data shards of --mesh={config.mesh}")
+  if config.warmup_steps >= total:
+    raise ConfigError(f"--warmup_steps={config.warmup_steps} must be below the run's {total} "
+                      f"steps ({config.epochs} epochs of {per_epoch})")
+  return per_epoch, total
 
 
 def build(config: Config, num_features: int, num_labels: int, total_steps: int, *,
@@ -218,7 +329,6 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
   Returns:
     ``(model, optimizer)`` (see ``sparsejax.xmc.make_optimizer``).
   """
-  _check_config(config)
   model_key, set_key, _ = _keys(config)
   model = XMCModel(num_features=num_features, num_labels=num_labels,
                    embed_dim=config.embed_dim, hidden_layers=config.hidden_layers,
@@ -251,18 +361,16 @@ def _sync(name: str) -> None:
 
 
 def _write_config(output_dir: pathlib.Path, config: Config) -> None:
-  """Writes ``config.json`` (process 0); refuses to resume a run made with a different config."""
-  path = output_dir / "config.json"
-  if path.exists():
-    saved = json.loads(path.read_text())
-    differ = sorted(name for name, value in dataclasses.asdict(config).items()
-                    if name not in _RESUMABLE and saved.get(name) != value)
-    if differ:
-      raise ValueError(f"{output_dir} holds a run with a different config ({', '.join(differ)}"
-                       "); use another output_dir")
+  """Writes ``config.json`` (process 0), once the run is sure to start.
+
+  What the run resumes is checked against the checkpoints (they hold the
+  configuration), so a ``config.json`` left by a start that failed before its
+  first checkpoint is replaced.
+  """
   _sync("xmc: config checked")  # every process read the old file before it is replaced
   if jax.process_index() == 0:
-    path.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
 
 
 class _CsvLog:
@@ -287,8 +395,43 @@ class _CsvLog:
     self.file.close()
 
 
-def run(config: Config, *, devices=None) -> dict:
+class TrainingDiverged(FloatingPointError):
+  """A loss, the gradient norm or the parameters became NaN or infinite."""
+
+
+# What each entry of a step's output is, for the divergence message.
+_STEP_OUTPUTS = ("loss", "main loss", "aux loss", "gradient norm")
+
+
+def _check_finite(window: np.ndarray, first_step: int, last_saved: int, out) -> None:
+  """Raises ``TrainingDiverged`` at the first step of ``window`` with a non-finite output."""
+  bad = ~np.isfinite(window)
+  if bad.any():
+    row, column = np.argwhere(bad)[0]
+    raise TrainingDiverged(
+        f"training diverged: the {_STEP_OUTPUTS[column]} is {window[row, column]} at step "
+        f"{first_step + row}; stopped, the last checkpoint (step {last_saved}) in "
+        f"{out / 'checkpoints'} is kept; lower --encoder_lr / --classifier_lr or lengthen "
+        "--warmup_steps")
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def run(config: Config, *, devices=None, report=print) -> dict:
   """Trains (resuming from ``output_dir`` when it holds checkpoints) and evaluates.
+
+  Everything the run needs is checked before any work: the flags
+  (``check_config``), the data and, on resume, that the newest intact
+  checkpoint was written with the same settings (damaged ones are passed
+  over, each reported in one line). A run that is already complete only says
+  so and leaves its files as they are. Training stops with
+  ``TrainingDiverged`` at the first non-finite loss or gradient norm (checked
+  on the host every 10 steps and before each checkpoint, so no checkpoint
+  holds a diverged state).
 
   With several processes (``jax.distributed.initialize`` first), every process
   calls it with the same config; process 0 alone writes the config, the CSVs
@@ -298,6 +441,8 @@ def run(config: Config, *, devices=None) -> dict:
     config: the run's configuration.
     devices: the devices of ``config.mesh`` (default: all devices of all
       processes); unused without a mesh.
+    report: called with each line about the run's state (damaged checkpoints
+      passed over, a run already complete).
 
   Returns:
     The content of ``metrics.json``: ``config``, final ``metrics`` (fractions),
@@ -309,29 +454,30 @@ def run(config: Config, *, devices=None) -> dict:
     ``compute_dtype`` (as resolved for the backend), ``device``, ``mesh``
     (axis sizes, or None), ``processes``, ``num_params`` (without padding)
     and ``steps``.
+
+  Raises:
+    ConfigError, sparsejax.data.xmc.XMCFormatError, sparsejax.xmc.CheckpointError
+    (all ``ValueError``): bad flags, data or checkpoints, before training.
+    TrainingDiverged: a non-finite loss or gradient.
   """
-  _check_config(config)
+  check_config(config)
   out = pathlib.Path(config.output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  _write_config(out, config)
-  train, test = load_data(config)
-  per_epoch = steps_per_epoch(len(train), batch_size=config.batch_size)
-  if per_epoch < 1:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train)} training points")
-  total_steps = config.epochs * per_epoch
-  layout = Layout.create(config.mesh, train.num_labels, devices) if config.mesh else None
-  if layout is not None and config.batch_size % layout.mesh.shape["data"]:
-    raise ValueError(f"batch_size {config.batch_size} is not a multiple of the "
-                     f"{layout.mesh.shape['data']} data shards of mesh {config.mesh!r}")
+  report(f"loading the data ({config.dataset})")
+  train, valid, test, valid_source = load_data(config)
+  report(f"data: {len(train)} training points, {len(test)} test points, validation: "
+         f"{valid_source}; {train.num_features} features, {train.num_labels} labels")
+  try:
+    layout = Layout.create(config.mesh, train.num_labels, devices) if config.mesh else None
+  except ValueError as e:
+    raise ConfigError(f"--mesh={config.mesh}: {e}") from None
+  per_epoch, total_steps = _steps(config, train, layout)
   primary = jax.process_index() == 0
+  report(f"building the model ({'fixed fan-in K ' + str(config.fan_in) if config.fan_in else 'dense'}"
+         f" classifier over {train.num_labels} labels)")
   model, optimizer = build(config, train.num_features, train.num_labels, total_steps,
                            layout=layout)
   initial_topology = (np.asarray(model.classifier.indices[...])[:train.num_labels]
                       if model.sparse else None)
-  clusters = (jnp.asarray(label_clusters(train, config.num_clusters(train.num_labels),
-                                         key=_keys(config)[2])) if config.aux else None)
-  inv_propensity = inverse_propensity(train.label_counts(), len(train), a=config.propensity_a,
-                                      b=config.propensity_b)
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(optimizer)
   wrt = optimizer.wrt
@@ -343,11 +489,28 @@ def run(config: Config, *, devices=None) -> dict:
     state_shardings = layout.shardings(model_state), layout.shardings(opt_state)
     model_state = put(model_state, state_shardings[0])
     opt_state = put(opt_state, state_shardings[1])
-    if clusters is not None:
-      clusters = put(clusters, layout.replicated)
   manager = checkpoint_manager(out)
-  step, sums = restore(manager, model_state, opt_state)
+  settings = {name: value for name, value in dataclasses.asdict(config).items()
+              if name not in _RESUMABLE}
+  step, sums = restore(manager, model_state, opt_state, config=settings, report=report)
+  if (out / "config.json").exists():
+    _read_config_file(out / "config.json")  # a damaged one is named, not overwritten
+  if step == total_steps and (out / "metrics.json").exists():
+    report(f"{out}: the run is complete at step {step}; its results are in "
+           f"{out / 'metrics.json'} (left as they are)")
+    return json.loads((out / "metrics.json").read_text())
+  _write_config(out, config)
+  if step:
+    report(f"{out}: resuming at step {step} of {total_steps}")
   last_saved = step
+  if config.aux:
+    report(f"clustering the labels into {config.num_clusters(train.num_labels)} clusters")
+  clusters = (jnp.asarray(label_clusters(train, config.num_clusters(train.num_labels),
+                                         key=_keys(config)[2])) if config.aux else None)
+  if clusters is not None and layout is not None:
+    clusters = put(clusters, layout.replicated)
+  inv_propensity = inverse_propensity(train.label_counts(), len(train), a=config.propensity_a,
+                                      b=config.propensity_b)
 
   # The plain step traces no rewiring; the rewiring one runs on the updates that
   # set_topology rewires, picked on the host by its own rule.
@@ -373,6 +536,8 @@ def run(config: Config, *, devices=None) -> dict:
     # Ahead-of-time: gives the memory analysis and keeps compiling out of the timings.
     nonlocal compile_seconds
     if (with_aux, rewiring) not in compiled:
+      progress.write(f"compiling the {'rewiring' if rewiring else 'plain'} train step"
+                     + (" with the aux head" if with_aux else ""))
       start = time.perf_counter()
       compiled[with_aux, rewiring] = step_fns[rewiring].lower(
           model_state, opt_state, batch, clusters if with_aux else None,
@@ -385,33 +550,36 @@ def run(config: Config, *, devices=None) -> dict:
     return time.perf_counter() - compile_seconds
 
   def flush(pending):
-    # One host sync per call: adds the pending steps' losses to the epoch sums.
+    # One host sync per call: checks the pending steps' outputs and adds their losses
+    # to the epoch sums.
     if pending:
       window = np.asarray(jnp.stack(pending), np.float64)
-      sums[:] += np.append(window.sum(0), len(window))
+      _check_finite(window, step - len(window) + 1, last_saved, out)
+      sums[:] += np.append(window[:, :3].sum(0), len(window))
     return []
 
   def checkpoint():
-    save(manager, step, model_state, opt_state, sums)
+    if not bool(_all_finite(model_state)):
+      raise TrainingDiverged(f"training diverged: the parameters hold NaN or inf after step "
+                             f"{step}; stopped, the last checkpoint (step {last_saved}) in "
+                             f"{out / 'checkpoints'} is kept")
+    save(manager, step, model_state, opt_state, sums, config=dataclasses.asdict(config))
     return step
 
-  def score(model):
-    return evaluate(model, test, inv_propensity=inv_propensity,
-                    batch_size=config.eval_batch_size, label_chunk=label_chunk,
-                    layout=layout, compute_dtype=compute_dtype)
+  def ranked(model, dataset, k):
+    return predict_dataset(model, dataset, k=k, batch_size=config.eval_batch_size,
+                           label_chunk=label_chunk, layout=layout, compute_dtype=compute_dtype)
 
   def on_devices(batch):
     # Every process holds the whole batch and places its devices' part of it.
     return batch if layout is None else put(batch, {name: layout.batch for name in batch})
 
   fields = ["epoch", "step", "loss", "main_loss", "aux_loss", "aux_weight", "train_seconds",
-            "samples_per_s", "topology_changed", *METRIC_NAMES]
+            "samples_per_s", "topology_changed", *(f"valid_{m}" for m in METRIC_NAMES)]
   epoch_log = _CsvLog(out / "epochs.csv", fields, step) if primary else None
   step_log = (_CsvLog(out / "steps.csv", ["step", "epoch", "loss", "batch_crc"], step)
               if config.step_log and primary else None)
-  bar = tqdm(total=total_steps, initial=step, desc="xmc", unit="step",
-             disable=None if primary else True)
-  final = None
+  progress = Progress(total_steps, initial=step, desc="xmc", enabled=primary)
   try:
     while step < total_steps:
       epoch = step // per_epoch
@@ -423,19 +591,18 @@ def run(config: Config, *, devices=None) -> dict:
         rewiring = config.rewires and sj.is_rewire_step(
             step + 1, interval=config.set_interval, end_step=end_step)
         placed = on_devices(batch)
-        model_state, opt_state, losses = compiled_step(with_aux, rewiring, placed)(
+        model_state, opt_state, outputs = compiled_step(with_aux, rewiring, placed)(
             model_state, opt_state, placed, clusters if with_aux else None, np.float32(a))
         step, steps_run = step + 1, steps_run + 1
-        pending.append(losses)
+        pending.append(outputs)
         if step_log:
-          step_log.write(dict(step=step, epoch=epoch, loss=float(losses[0]),
+          step_log.write(dict(step=step, epoch=epoch, loss=float(outputs[0]),
                               batch_crc=_batch_crc(batch)))
-        if step % 10 == 0:
-          rate = steps_run * config.batch_size / (train_clock() - start)
-          bar.set_postfix(loss=f"{float(jnp.mean(jnp.stack(pending)[:, 0])):.4f}",
-                          samples_s=f"{rate:.0f}")
+        if step % 10 == 0 or steps_run == 1:
           pending = flush(pending)
-        bar.update(1)
+          rate = steps_run * config.batch_size / max(train_clock() - start, 1e-9)
+          progress.update(step, loss=f"{sums[0] / max(sums[3], 1):.4f}",
+                          samples_s=f"{rate:.0f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           pending = flush(pending)
           last_saved = checkpoint()
@@ -449,28 +616,32 @@ def run(config: Config, *, devices=None) -> dict:
                  topology_changed="" if initial_topology is None else float(np.mean(
                      to_host(model.classifier.indices[...])[:train.num_labels]
                      != initial_topology)))
-      if (config.eval_every and (epoch + 1) % config.eval_every == 0) or step == total_steps:
-        final = score(model)
-        row.update(final)
+      if valid is not None and config.eval_every and (epoch + 1) % config.eval_every == 0:
+        metrics = score(ranked(model, valid, 5)[0], valid, inv_propensity=inv_propensity)
+        row.update({f"valid_{name}": value for name, value in metrics.items()})
       if primary:
         epoch_log.write(row)
-        tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, "
-                   f"{row['samples_per_s']:.0f} samples/s"
-                   + (f", P@1 {row['P@1']:.4f}" if "P@1" in row else ""))
+        progress.write(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, "
+                       f"{row['samples_per_s']:.0f} samples/s"
+                       + (f", validation P@1 {row['valid_P@1']:.4f}" if "valid_P@1" in row
+                          else ""))
       sums[:] = 0
       if step != last_saved:
         last_saved = checkpoint()
   finally:
-    bar.close()
+    progress.close()
     manager.wait_until_finished()
     if epoch_log:
       epoch_log.close()
     if step_log:
       step_log.close()
 
+  # The test set is scored once, at the end.
   model = nnx.merge(model_def, model_state)
-  if final is None:  # the run was already complete: evaluate the restored model
-    final = score(model)
+  ids, scores = ranked(model, test, config.predict_k)
+  final = score(ids, test, inv_propensity=inv_propensity)
+  if primary:
+    write_predictions(out / "predictions_test.txt", ids, scores, num_labels=test.num_labels)
   _sync("xmc: epochs.csv written")
   with open(out / "epochs.csv", newline="") as f:
     epochs = list(csv.DictReader(f))
@@ -479,6 +650,7 @@ def run(config: Config, *, devices=None) -> dict:
                  sj.memory.compiled_bytes(c) for (aux, rewiring), c in compiled.items()}
   results = {
       "config": dataclasses.asdict(config), "metrics": final, "epochs": epochs,
+      "validation": valid_source, "predictions": str(out / "predictions_test.txt"),
       "seconds_per_epoch": float(np.mean(timed)) if timed else None,
       "samples_per_s": float(np.mean([float(r["samples_per_s"]) for r in epochs]))
       if epochs else None,
@@ -488,12 +660,18 @@ def run(config: Config, *, devices=None) -> dict:
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
       "mesh": None if layout is None else dict(layout.mesh.shape),
       "processes": jax.process_count(),
-      "num_params": model.num_params(),
+      "num_params": nnx.merge(model_def, model_state).num_params(),
       "steps": step,
   }
   if primary:
     (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(format_table(final))
+    compiled_total = max((m["total_bytes"] for m in step_memory.values()), default=0)
+    report(format_table(final))
+    report(f"time per epoch {results['seconds_per_epoch']:.1f} s, "
+           f"{results['samples_per_s']:.0f} samples/s, train step "
+           f"{compiled_total / 2**20:.1f} MiB (compiled), peak RSS "
+           f"{results['memory']['max_rss_bytes'] / 2**20:.0f} MiB; results in "
+           f"{out / 'metrics.json'}")
   return results
 
 
@@ -502,7 +680,8 @@ def define_flags() -> None:
 
   ``--coordinator``, ``--num_processes`` and ``--process_id`` say where this
   process runs, not what it trains, so they are not ``Config`` fields: a run
-  may resume with another number of processes.
+  may resume with another number of processes. ``--debug`` prints the
+  traceback of an error instead of its one line.
   """
   config_flags.define_flags(Config)
   flags.DEFINE_string("coordinator", None, "several processes (hosts): 'host:port' of process "
@@ -511,29 +690,26 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", 1, "several processes: how many")
   flags.DEFINE_integer("process_id", 0, "several processes: this one's rank, 0 to "
                        "num_processes - 1")
+  flags.DEFINE_boolean("debug", False, "on an error, print its traceback (default: one line)")
 
 
 def main(argv) -> None:
   del argv
   FLAGS = flags.FLAGS
-  if FLAGS.coordinator:
-    # Before anything starts a backend. On CPU the processes' collectives go over gloo (TCP).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = config_flags.config_from_flags(Config)
-  results = run(config)
-  if jax.process_index():
-    return
-  memory = results["memory"]
-  compiled = max((m["total_bytes"] for m in memory["train_step"].values()), default=0)
-  print(f"time per epoch {results['seconds_per_epoch']:.1f} s, "
-        f"{results['samples_per_s']:.0f} samples/s, train step {compiled / 2**20:.1f} MiB "
-        f"(compiled), peak RSS {memory['max_rss_bytes'] / 2**20:.0f} MiB; "
-        f"results in {config.output_dir}/metrics.json")
+  with config_flags.one_line_errors(debug=FLAGS.debug):
+    if FLAGS.coordinator:
+      # Before anything starts a backend. On CPU the processes' collectives go over gloo (TCP).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    run(config_flags.config_from_flags(Config))
+
+
+def run_script() -> None:
+  """The console script: parses the flags and runs ``main``."""
+  config_flags.launch(define_flags, main)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_script()

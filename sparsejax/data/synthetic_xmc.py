@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsejax.data.xmc import XMCDataset
+from sparsejax.data.xmc import _INT32_MAX, XMCDataset, _check_int
 
 __all__ = ["synthetic_xmc", "signature_features"]
 
@@ -127,8 +127,8 @@ def synthetic_xmc(*, seed: int, num_train: int = 20_000, num_test: int = 5_000,
 
   Arguments:
     seed: non-negative; the same seed gives identical arrays.
-    num_train, num_test: points per split.
-    num_features, num_labels: ``D`` and ``L``; up to millions of labels.
+    num_train, num_test: points per split (``num_train >= 1``, ``num_test >= 0``).
+    num_features, num_labels: ``D`` and ``L`` in ``[1, 2**31)``; up to millions of labels.
     zipf_exponent: ``a`` in ``P(rank r) ∝ r^-a``; larger means a heavier head.
     mean_labels, max_labels: mean and maximum labels drawn per point (at least 1).
     signature_size: feature ids owned by each label.
@@ -136,19 +136,27 @@ def synthetic_xmc(*, seed: int, num_train: int = 20_000, num_test: int = 5_000,
       each of its labels.
     mean_background: mean number of background features per point.
 
+  Integer arguments must be integers and float ones finite; anything out of
+  range raises ``ValueError``.
+
   Returns:
     ``(train, test)`` ``XMCDataset``s with unit-norm feature rows.
   """
-  if seed < 0:
-    raise ValueError(f"seed must be non-negative, got {seed}")
-  if num_train < 1 or num_test < 0:
-    raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
-  if num_features < 1 or num_labels < 1 or signature_size < 1:
-    raise ValueError("num_features, num_labels and signature_size must be >= 1")
-  if max_labels < 1 or not 1 <= mean_labels <= max_labels:
+  for name, value, low, high in (("seed", seed, 0, None), ("num_train", num_train, 1, None),
+                                 ("num_test", num_test, 0, None),
+                                 ("num_features", num_features, 1, _INT32_MAX),
+                                 ("num_labels", num_labels, 1, _INT32_MAX),
+                                 ("max_labels", max_labels, 1, None),
+                                 ("signature_size", signature_size, 1, None)):
+    _check_int(name, value, low, high)
+  # Every comparison below is False for NaN, so NaN is refused too.
+  if not 1 <= mean_labels <= max_labels:
     raise ValueError(f"need 1 <= mean_labels <= max_labels, got {mean_labels}, {max_labels}")
-  if not 0 < signature_keep <= 1 or mean_background < 0 or zipf_exponent < 0:
-    raise ValueError("need 0 < signature_keep <= 1, mean_background >= 0, zipf_exponent >= 0")
+  if not 0 < signature_keep <= 1:
+    raise ValueError(f"need 0 < signature_keep <= 1, got {signature_keep}")
+  for name, value in (("mean_background", mean_background), ("zipf_exponent", zipf_exponent)):
+    if not 0 <= value < np.inf:
+      raise ValueError(f"{name} must be finite and >= 0, got {value}")
   n = num_train + num_test
   rng = np.random.default_rng([seed, 0])
   label_table = _zipf_table(rng, num_labels, zipf_exponent)

@@ -14,7 +14,17 @@ Formats (Extreme Classification Repository; ``docs/methods.md``, "XMC data and m
 Every reader checks every line and raises ``XMCFormatError`` (a ``ValueError``)
 whose message starts with ``file:line:`` (1-based). Nothing is skipped, clamped
 or truncated. Ids inside one point are returned sorted; a point that repeats a
-label or feature id is an error.
+label or feature id is an error. Every line, the last included, must end with a
+newline, as the repository's files do: a file cut short mid-value or inside a
+label list otherwise parses as a shorter, valid line. A BoW header must have
+``N >= 1`` and a raw-text split at least one document.
+
+Train/test policy (``check_train_test``, run before training): the model's input
+and output sizes are the training set's ``D`` and ``L``, so a test set whose
+``num_features`` or ``num_labels`` differs (more: ids the model cannot score;
+fewer: a mismatched output size) is refused, never remapped or cut; the two
+headers must agree except in ``N``. A training set without points, labels or
+features and a test set without points or labels are refused too.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import numpy as np
 __all__ = [
   "XMCDataset", "XMCFormatError", "bow_header", "iter_bow", "read_bow", "write_bow",
   "read_raw_text", "write_raw_text", "hash_tokenize", "pad_tokens", "pad_points",
-  "epoch_order", "steps_per_epoch", "batches",
+  "epoch_order", "steps_per_epoch", "batches", "check_train_test", "split_off",
 ]
 
 _INT = r"[0-9]+"
@@ -40,6 +50,7 @@ _LABELS_RE = re.compile(rf"{_INT}(?:,{_INT})*", re.ASCII)
 _FEATURES_RE = re.compile(rf"(?:\s+{_INT}:{_FLOAT})*\s*", re.ASCII)
 _FLOAT_RE = re.compile(_FLOAT, re.ASCII)
 _ROWS_PER_BLOCK = 65_536  # points collected before their arrays are concatenated
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 class XMCFormatError(ValueError):
@@ -51,6 +62,16 @@ class XMCFormatError(ValueError):
   def __init__(self, path: str | os.PathLike, line: int, problem: str):
     self.path, self.line, self.problem = os.fspath(path), line, problem
     super().__init__(f"{self.path}:{line}: {problem}")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+  """``value`` as an ``int``; refuses bools, non-integers and values outside ``[low, high]``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if value < low or (high is not None and value > high):
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+  return int(value)
 
 
 def _int_array(name: str, x, ndim: int = 1) -> np.ndarray:
@@ -120,13 +141,8 @@ class XMCDataset:
   num_labels: int
 
   def __post_init__(self):
-    for name in ("num_features", "num_labels"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-      object.__setattr__(self, name, int(value))
-    if max(self.num_features, self.num_labels) > np.iinfo(np.int32).max:
-      raise ValueError("num_features and num_labels must fit in int32")
+    for name in ("num_features", "num_labels"):  # ids are int32
+      object.__setattr__(self, name, _check_int(name, getattr(self, name), 1, _INT32_MAX))
     fptr = _int_array("feature_indptr", self.feature_indptr)
     lptr = _int_array("label_indptr", self.label_indptr)
     fids = _int_array("feature_ids", self.feature_ids)
@@ -221,13 +237,57 @@ def _csr_gather(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
   return new_indptr, src
 
 
+def check_train_test(train: XMCDataset, test: XMCDataset, *, train_name: str = "train",
+                     test_name: str = "test") -> None:
+  """Refuses a train/test pair that would give a meaningless run, before training starts.
+
+  Policy: the model's input and output sizes are the training set's ``D`` and
+  ``L``, so the test set must have the same ``num_features`` and ``num_labels``
+  (its BoW header must agree with the training file's in ``D`` and ``L``). Ids
+  beyond the training sizes are never remapped or dropped, and a smaller test
+  ``L`` is refused too, since evaluation scores every one of the model's labels.
+
+  Arguments:
+    train, test: the two splits.
+    train_name, test_name: how messages name them, e.g. their file paths.
+
+  Raises:
+    ValueError: when ``train`` has no points, no positive label or no feature
+      at all; when ``test`` has no points or no positive label at all (every
+      metric would be 0); or when their ``num_features`` or ``num_labels`` differ.
+  """
+  for name, data in ((train_name, train), (test_name, test)):
+    if not len(data):
+      raise ValueError(f"{name} has no points")
+  for size in ("num_features", "num_labels"):
+    got, want = getattr(test, size), getattr(train, size)
+    if got != want:
+      relation = "more" if got > want else "fewer"
+      raise ValueError(f"{test_name} has {size} = {got} ({relation} than {train_name}'s {want}); "
+                       f"the model's sizes are the training set's, so the headers' D and L must "
+                       f"agree")
+  for name, data in ((train_name, train), (test_name, test)):
+    if not data.label_ids.size:
+      raise ValueError(f"{name} has no positive label at all: every point's label list is empty")
+  if not train.feature_ids.size:
+    raise ValueError(f"{train_name} has no feature at all: every point's feature list is empty")
+
+
 # ----------------------------------------------------------------------------- BoW
+
+
+def _check_newline(path, number: int, raw: bytes) -> None:
+  """Refuses a line without its newline (only the last line can lack one)."""
+  if not raw.endswith(b"\n"):
+    raise XMCFormatError(path, number, "last line has no trailing newline, so the file looks cut "
+                         "short; if it is complete, add the final newline")
 
 
 def _read_lines(path) -> Iterator[tuple[int, str]]:
   """``(1-based line number, line without its newline)``, decoded as ASCII."""
   with open(path, "rb") as f:
     for number, raw in enumerate(f, 1):
+      _check_newline(path, number, raw)
       try:
         yield number, raw.rstrip(b"\r\n").decode("ascii")
       except UnicodeDecodeError as e:
@@ -243,8 +303,10 @@ def _parse_header(path, line: str) -> tuple[int, int, int]:
     if not re.fullmatch(_INT, field, re.ASCII):
       raise XMCFormatError(path, 1, f"header {name} is not a non-negative integer: {field!r}")
   n, d, num_labels = map(int, fields)
+  if n == 0:
+    raise XMCFormatError(path, 1, "header N = 0: the file must hold at least one point")
   for name, value in (("D", d), ("L", num_labels)):
-    if not 1 <= value <= np.iinfo(np.int32).max:
+    if not 1 <= value <= _INT32_MAX:
       raise XMCFormatError(path, 1, f"header {name} = {value} must be in [1, 2**31)")
   return n, d, num_labels
 
@@ -309,7 +371,7 @@ def _parse_labels(path, number: int, field: str, num_labels: int | None) -> np.n
   if not _LABELS_RE.fullmatch(field):
     raise XMCFormatError(path, number, _labels_problem(field, num_labels))
   ids = np.array(field.split(","), dtype=np.int64)
-  bound = np.iinfo(np.int32).max if num_labels is None else num_labels
+  bound = _INT32_MAX if num_labels is None else num_labels
   return ids[_sorted_unique(path, number, "label", ids, bound)].astype(np.int32)
 
 
@@ -373,8 +435,11 @@ def write_bow(path: str | os.PathLike, dataset: XMCDataset) -> None:
   """Writes ``dataset`` as a BoW file.
 
   Values are written with 9 significant digits, so ``read_bow`` gives back the
-  same float32 values. A point without labels starts with a space.
+  same float32 values. A point without labels starts with a space. A dataset
+  without points raises ``ValueError`` (``read_bow`` refuses ``N = 0``).
   """
+  if not len(dataset):
+    raise ValueError("dataset has no points; a BoW file must hold at least one")
   fptr, lptr = dataset.feature_indptr, dataset.label_indptr
   with open(path, "w", encoding="ascii", newline="\n") as f:
     f.write(f"{len(dataset)} {dataset.num_features} {dataset.num_labels}\n")
@@ -393,6 +458,7 @@ def _read_utf8_lines(path) -> list[str]:
   lines = []
   with open(path, "rb") as f:
     for number, raw in enumerate(f, 1):
+      _check_newline(path, number, raw)
       try:
         lines.append(raw.rstrip(b"\r\n").decode("utf-8"))
       except UnicodeDecodeError as e:
@@ -413,12 +479,15 @@ def read_raw_text(text_path: str | os.PathLike, label_path: str | os.PathLike, *
   Returns:
     ``(documents, label_indptr (N+1,) int64, label_ids (nnz,) int32)``, label ids
     sorted within each document. Raises ``XMCFormatError`` naming file and line
-    for a malformed label line, a repeated or out-of-range id, invalid UTF-8, or
-    files with different numbers of lines.
+    for a malformed label line, a repeated or out-of-range id, invalid UTF-8, a
+    last line without its newline, an empty text file, or files with different
+    numbers of lines.
   """
-  if num_labels is not None and not 1 <= num_labels <= np.iinfo(np.int32).max:
-    raise ValueError(f"num_labels must be in [1, 2**31), got {num_labels}")
+  if num_labels is not None:
+    _check_int("num_labels", num_labels, 1, _INT32_MAX)
   docs = _read_utf8_lines(text_path)
+  if not docs:
+    raise XMCFormatError(text_path, 1, "empty file, expected at least one document")
   label_lines = _read_utf8_lines(label_path)
   if len(docs) != len(label_lines):
     longer = text_path if len(docs) > len(label_lines) else label_path
@@ -436,7 +505,9 @@ def read_raw_text(text_path: str | os.PathLike, label_path: str | os.PathLike, *
 def write_raw_text(text_path: str | os.PathLike, label_path: str | os.PathLike,
                    documents: Sequence[str], label_indptr: np.ndarray,
                    label_ids: np.ndarray) -> None:
-  """Writes documents and label sets in the format ``read_raw_text`` reads."""
+  """Writes documents and label sets in the format ``read_raw_text`` reads (at least one)."""
+  if not documents:
+    raise ValueError("no documents; a raw-text split must hold at least one")
   if len(label_indptr) != len(documents) + 1:
     raise ValueError(f"label_indptr has {len(label_indptr)} entries, expected "
                      f"{len(documents) + 1}")
@@ -481,6 +552,7 @@ def pad_tokens(documents: Sequence[str], rows: np.ndarray, *, max_len: int, voca
     ``token_ids`` ``(B, max_len)`` int32 (0 = padding) and ``token_mask``
     ``(B, max_len)`` bool.
   """
+  max_len = _check_int("max_len", max_len, 1)
   rows = _rows(rows, len(documents))
   ids = np.zeros((rows.size, max_len), np.int32)
   mask = np.zeros((rows.size, max_len), bool)
@@ -524,6 +596,8 @@ def pad_points(dataset: XMCDataset, rows: np.ndarray, *, max_features: int,
     ``feature_mask`` (B, F) bool, ``label_ids`` (B, Lmax) int32 and ``label_mask``
     (B, Lmax) bool. Padding slots hold id 0 and value 0 and are False in the mask.
   """
+  max_features = _check_int("max_features", max_features, 0)
+  max_labels = _check_int("max_labels", max_labels, 0)
   rows = _rows(rows, len(dataset))
   fmask, fsrc = _padded(dataset.feature_indptr, rows, max_features, "features")
   lmask, lsrc = _padded(dataset.label_indptr, rows, max_labels, "labels")
@@ -538,15 +612,46 @@ def pad_points(dataset: XMCDataset, rows: np.ndarray, *, max_features: int,
 
 def epoch_order(num_points: int, *, seed: int, epoch: int) -> np.ndarray:
   """``(num_points,)`` int64 permutation for ``epoch``, a function of ``(seed, epoch)`` only."""
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+  for name, value in (("num_points", num_points), ("seed", seed), ("epoch", epoch)):
+    _check_int(name, value, 0)
   return np.random.default_rng([seed, epoch]).permutation(num_points)
+
+
+def split_off(num_points: int, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """A stable split of ``range(num_points)``: ``(kept rows, held-out rows)``, both sorted.
+
+  Point ``i`` is held out when a hash of ``(seed, i)`` (SplitMix64, as a
+  fraction of 2^64) falls below ``fraction``: the split of a point depends only
+  on the seed and its index, not on ``num_points``, so appending points to a
+  file leaves the split of the others as it was, and the same seed always gives
+  the same split. The two parts are disjoint and cover every point.
+
+  Arguments:
+    num_points: points in the set being split.
+    fraction: the expected share held out, in ``[0, 1)``.
+    seed: selects the split (an int ``>= 0``).
+
+  Returns:
+    ``(kept, held_out)``, int64 row indices.
+  """
+  _check_int("num_points", num_points, 0)
+  _check_int("seed", seed, 0)
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+    raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+  with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+    z = (np.arange(1, num_points + 1, dtype=np.uint64)
+         + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+  held = z < np.uint64(int(fraction * 2.0**64))
+  return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def steps_per_epoch(num_points: int, *, batch_size: int, drop_remainder: bool = True) -> int:
   """Number of batches ``batches`` yields for one epoch."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  _check_int("num_points", num_points, 0)
+  _check_int("batch_size", batch_size, 1)
   return num_points // batch_size if drop_remainder else -(-num_points // batch_size)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sparsejax import _checks
 from sparsejax.dispatch import resolve_impl
 from sparsejax.kernels import nm as _kernels
 from sparsejax.mvue.estimators import key_data, nm_prune
@@ -44,6 +45,14 @@ def _prune(g, key, n, m, method, axis, impl):
                                   interpret=impl == "interpret")
 
 
+def _check_pruning(shape, dtype, key, n, m, method, axis) -> None:
+  """Fails now, not in the backward pass: ``nm_prune``'s checks on a cotangent of this shape."""
+  if key is not None:  # before eval_shape, which would trace a plain int into an array
+    _checks.check_key(key)
+  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=axis),
+                 jax.ShapeDtypeStruct(shape, dtype), key)
+
+
 def prune_grad(y: jax.Array, *, key: jax.Array | None = None, n: int, m: int, method: str,
                axis: int = -1, impl: str | None = None) -> jax.Array:
   """Identity whose backward pass prunes the cotangent with ``nm_prune``.
@@ -60,9 +69,7 @@ def prune_grad(y: jax.Array, *, key: jax.Array | None = None, n: int, m: int, me
   Returns:
     ``y``, unchanged.
   """
-  # Fail now, not in the backward pass: validate on a zero cotangent of y's shape.
-  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=axis),
-                 jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)), key)
+  _check_pruning(jnp.shape(y), jnp.result_type(y), key, n, m, method, axis)
   return _prune_grad(y, key, n, m, method, axis, resolve_impl(impl))
 
 
@@ -111,8 +118,7 @@ def prune_weight_grad(apply: Callable[[jax.Array, Any], jax.Array], x: jax.Array
   """
   y_shape = jax.eval_shape(apply, x, params)
   tokens = math.prod(y_shape.shape[:-1])
-  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=0),
-                 jax.ShapeDtypeStruct((tokens, y_shape.shape[-1]), y_shape.dtype), key)
+  _check_pruning((tokens, y_shape.shape[-1]), y_shape.dtype, key, n, m, method, 0)
   # Closed-over arrays (tracers under jit) become explicit arguments of the rule.
   converted, consts = jax.closure_convert(apply, x, params)
   return _prune_weight_grad(converted, n, m, method, resolve_impl(impl), x, params, key, *consts)
@@ -164,9 +170,8 @@ def pruned_linear(x: jax.Array, kernel: jax.Array, *, key: jax.Array | None = No
     raise ValueError(f"pruned_linear needs x (..., in) and kernel (in, out), got shapes "
                      f"{jnp.shape(x)} and {jnp.shape(kernel)}")
   tokens = math.prod(jnp.shape(x)[:-1])
-  jax.eval_shape(lambda g, key: nm_prune(g, key=key, n=n, m=m, method=method, axis=0),
-                 jax.ShapeDtypeStruct((tokens, jnp.shape(kernel)[1]),
-                                      jnp.result_type(x, kernel)), key)
+  _check_pruning((tokens, jnp.shape(kernel)[1]), jnp.result_type(x, kernel), key, n, m, method,
+                 0)
   return _pruned_linear(n, m, method, resolve_impl(impl), x, kernel, key)
 
 

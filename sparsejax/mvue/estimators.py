@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import _checks
-from sparsejax.kernels.mvue_columns import DRAWS, prune_columns
+from sparsejax.kernels.mvue_columns import DRAWS, keep_non_finite, prune_columns
 from sparsejax.kernels.threefry import group_words, uniform_from_word
-from sparsejax.nm import _check_nm, from_groups, nm_mask, to_groups
+from sparsejax.nm import _check_nm, from_groups, keep_largest, to_groups
 
 __all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_uniforms", "key_data"]
 
@@ -62,6 +62,7 @@ def key_data(key) -> jax.Array:
   """The ``uint32[2]`` words of a threefry2x32 key (a typed ``jax.random.key`` or raw data)."""
   if key is None:
     raise ValueError("this N:M method is random: pass a PRNG key (jax.random.key(...))")
+  _checks.check_key(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   if key.shape != (2,) or key.dtype != jnp.uint32:
@@ -104,19 +105,28 @@ def nm_prune(x: jax.Array, *, key: jax.Array | None = None, n: int, m: int, meth
     Array of ``x.shape`` and dtype. Random methods: at most ``n`` non-zeros per
     group (fewer only where the group has fewer non-zero inputs), kept entries
     ``x_i / p_i``, ``E[out] = x``; probabilities are computed in float32
-    (float64 for float64 input). Same key, same bits.
+    (float64 for float64 input). Same key, same bits. Every method returns a
+    group that holds a NaN or inf unchanged, so a diverging gradient stays
+    visible (it is not pruned to zeros).
   """
   _checks.check_float(x, "x")
   _check_method(method, n, m)
-  if method == "greedy":  # nm_mask runs the same checks
-    return jnp.where(nm_mask(x, n, m, axis), x, jnp.zeros((), jnp.result_type(x)))
+  if key is not None:
+    _checks.check_key(key)
   axis = _check_nm(jnp.shape(x), n, m, axis)
-  _checks.check_finite(x, "x")
-  x = jnp.asarray(x)
-  groups = to_groups(x, m, axis)
-  uniforms = group_uniforms(int(np.prod(groups.shape[:-1])), DRAWS[method, n, m], key=key)
-  out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)
+  groups = to_groups(jnp.asarray(x), m, axis)
+  if method == "greedy":
+    pruned = jnp.where(keep_largest(jnp.abs(groups), n), groups, jnp.zeros((), groups.dtype))
+    out = jnp.stack(keep_non_finite(_columns(groups), _columns(pruned)), axis=-1)
+  else:
+    uniforms = group_uniforms(int(np.prod(groups.shape[:-1])), DRAWS[method, n, m], key=key)
+    out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)
   return from_groups(out, axis)
+
+
+def _columns(groups):
+  """The entries of ``(..., m)`` groups as ``m`` arrays, as ``prune_columns`` takes them."""
+  return [groups[..., j] for j in range(groups.shape[-1])]
 
 
 def prune_groups(groups: jax.Array, uniforms: jax.Array, *, n: int, method: str) -> jax.Array:
@@ -137,6 +147,6 @@ def prune_groups(groups: jax.Array, uniforms: jax.Array, *, n: int, method: str)
   if method == "greedy":
     raise ValueError("prune_groups implements the random methods; use nm_prune for greedy")
   acc = jnp.promote_types(groups.dtype, jnp.float32)
-  columns = [groups[..., j].astype(acc) for j in range(groups.shape[-1])]
-  draws = [uniforms[..., d].astype(acc) for d in range(uniforms.shape[-1])]
+  columns = _columns(groups.astype(acc))
+  draws = _columns(uniforms.astype(acc))
   return jnp.stack(prune_columns(columns, draws, method=method), axis=-1).astype(groups.dtype)

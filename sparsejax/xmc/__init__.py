@@ -8,18 +8,21 @@ evaluation, label sharding and checkpoints (``docs/methods.md``, "The XMC recipe
 - ``clusters``: the auxiliary objective's label clusters; ``metrics``: P@k,
   nDCG@k, PSP@k.
 - ``training``: the optimizer and the jitted train step; ``evaluation``:
-  ``predict`` and ``evaluate``; ``layout``: shardings on a ``("data",
+  ``predict``, ``predict_dataset``, ``score`` and ``evaluate``; ``predictions``:
+  top-k files for external metric tools; ``layout``: shardings on a ``("data",
   "labels")`` mesh; ``checkpoint``: save, and restore onto any mesh.
 """
 
-from sparsejax.xmc.checkpoint import checkpoint_manager, restore, save
+from sparsejax.xmc.checkpoint import (CheckpointError, checkpoint_manager, checksums,
+                                      read_checkpoint, restore, save, saved_config)
 from sparsejax.xmc.classifier import LabelMajorLinear, dense_logits, fixed_fanin_logits
 from sparsejax.xmc.clusters import (balanced_kmeans, cluster_targets, label_centroids,
                                     label_clusters)
-from sparsejax.xmc.evaluation import METRIC_NAMES, evaluate, predict
-from sparsejax.xmc.label_chunks import (LOSSES, chunked_loss, chunked_loss_and_candidates,
-                                        chunked_topk)
+from sparsejax.xmc.evaluation import METRIC_NAMES, evaluate, predict, predict_dataset, score
+from sparsejax.xmc.label_chunks import (LOSSES, check_label_ids, chunked_loss,
+                                        chunked_loss_and_candidates, chunked_topk)
 from sparsejax.xmc.layout import Layout, put, to_host
+from sparsejax.xmc.predictions import read_predictions, write_predictions
 from sparsejax.xmc.metrics import RankingMetrics, format_table, inverse_propensity, ranking_metrics
 from sparsejax.xmc.model import CLASSIFIER, XMCModel, in_classifier
 from sparsejax.xmc.sharded import (mesh_from_spec, pad_labels, padded_num_labels,
@@ -31,6 +34,7 @@ from sparsejax.xmc.training import (aux_weight_at, initial_classifier_bias, make
 
 __all__ = [
     "CLASSIFIER",
+    "CheckpointError",
     "LOSSES",
     "METRIC_NAMES",
     "LabelMajorLinear",
@@ -39,9 +43,11 @@ __all__ = [
     "XMCModel",
     "aux_weight_at",
     "balanced_kmeans",
+    "check_label_ids",
     "checkpoint_manager",
     "chunked_loss",
     "chunked_loss_and_candidates",
+    "checksums",
     "chunked_topk",
     "cluster_targets",
     "dense_logits",
@@ -60,15 +66,21 @@ __all__ = [
     "pad_labels",
     "padded_num_labels",
     "predict",
+    "predict_dataset",
     "put",
     "ranking_metrics",
+    "read_predictions",
+    "read_checkpoint",
     "resolve_compute_dtype",
     "resolve_label_chunk",
     "restore",
     "rigl_num_candidates",
     "save",
+    "saved_config",
+    "score",
     "sharded_chunked_loss",
     "sharded_chunked_loss_and_candidates",
     "sharded_chunked_topk",
     "to_host",
+    "write_predictions",
 ]

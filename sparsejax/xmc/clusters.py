@@ -97,6 +97,7 @@ def label_centroids(feature_indptr, feature_ids, feature_values, label_indptr, l
   for name, size in (("num_features", num_features), ("num_labels", num_labels), ("dim", dim)):
     if not isinstance(size, (int, np.integer)) or size < 1:
       raise ValueError(f"{name} must be a positive integer, got {size!r}")
+  _checks.check_key(key)
   f_indptr, f_ids, f_values = _check_csr(feature_indptr, feature_ids, num_features, "feature",
                                          feature_values)
   l_indptr, l_ids = _check_csr(label_indptr, label_ids, num_labels, "label")
@@ -154,6 +155,7 @@ def balanced_kmeans(points, num_clusters: int, *, key: jax.Array,
                      f"got {num_clusters!r}")
   if not isinstance(iterations, (int, np.integer)) or iterations < 1:
     raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+  _checks.check_key(key)
   x = x.astype(np.float32, copy=False)
   rng = np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
   sizes = num_points // num_clusters + (np.arange(num_clusters) < num_points % num_clusters)
@@ -188,6 +190,7 @@ def label_clusters(dataset, num_clusters: int, *, key: jax.Array, dim: int = 64)
   Returns:
     ``(L,)`` int32 cluster ids in ``[0, C)``, cluster sizes differing by at most 1.
   """
+  _checks.check_key(key)
   centroids = label_centroids(dataset.feature_indptr, dataset.feature_ids,
                               dataset.feature_values, dataset.label_indptr, dataset.label_ids,
                               num_features=dataset.num_features, num_labels=dataset.num_labels,

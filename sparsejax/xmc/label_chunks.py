@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 from sparsejax import _checks
 from sparsejax.kernels.vma import varying_like
@@ -47,7 +48,8 @@ from sparsejax.fixed_fanin import FixedFanIn
 from sparsejax.topology import RegrowthCandidates
 from sparsejax.xmc.classifier import _fixed_fanin_parts
 
-__all__ = ["LOSSES", "chunked_loss", "chunked_loss_and_candidates", "chunked_topk"]
+__all__ = ["LOSSES", "check_label_ids", "chunked_loss", "chunked_loss_and_candidates",
+           "chunked_topk"]
 
 LOSSES = ("squared_hinge", "bce")
 
@@ -78,7 +80,9 @@ def chunked_loss(logits_fn: Callable, classifier, h: jax.Array, label_ids: jax.A
       recompiling.
     classifier: a pytree whose leaves all have the label axis first, ``(L, ...)``.
     h: ``(B, d)`` float features.
-    label_ids: ``(B, Lmax)`` integer label ids of each point, padded.
+    label_ids: ``(B, Lmax)`` integer label ids of each point, padded. Where
+      ``label_mask`` holds, each must be in ``[0, L)``: checked on concrete
+      arrays (``ValueError``), trusted when traced (``check_label_ids``).
     label_mask: ``(B, Lmax)`` bool, True where ``label_ids`` holds a label.
       Repeated ids count once.
     loss: ``"squared_hinge"`` or ``"bce"``.
@@ -229,14 +233,35 @@ def _check_labels(label_ids, label_mask, batch: int, num_labels: int) -> None:
   if _checks.dtype_of(label_mask) != jnp.bool_ or jnp.shape(label_mask) != jnp.shape(label_ids):
     raise ValueError(f"label_mask must be a bool array of shape {jnp.shape(label_ids)}, got "
                      f"{_checks.dtype_of(label_mask)} {jnp.shape(label_mask)}")
-  if _checks.is_traced(label_ids) or _checks.is_traced(label_mask):
-    return  # Under jit, as for indices, label ids are trusted (out-of-range ones are dropped).
-  ids, mask = np.asarray(label_ids), np.asarray(label_mask)
-  bad = mask & ((ids < 0) | (ids >= num_labels))
-  if np.any(bad):
-    row, col = np.argwhere(bad)[0]
-    raise ValueError(f"label_ids[{row}, {col}] = {ids[row, col]} is out of range for "
-                     f"L={num_labels} labels")
+  # Under jit, as for indices, label ids are trusted (out-of-range ones are dropped).
+  _checks.check_index_range(label_ids, num_labels, "label_ids", size_name="L", mask=label_mask)
+
+
+def check_label_ids(label_ids: jax.Array, label_mask: jax.Array, num_labels: int) -> None:
+  """Adds a ``checkify`` check that every label id where ``label_mask`` holds is in ``[0, L)``.
+
+  The check the chunked losses run on concrete label ids, for traced ones:
+  under ``jit`` an out-of-range id is silently dropped from the targets.
+  Masked-out padding may hold any id. Wrap the function that calls this
+  with ``jax.experimental.checkify.checkify`` and call ``err.throw()``::
+
+    def loss(params, batch):
+      check_label_ids(batch["label_ids"], batch["label_mask"], num_labels)
+      return chunked_loss(...)
+
+    err, value = checkify.checkify(jax.jit(loss))(params, batch)
+    err.throw()  # raises JaxRuntimeError naming the first bad id
+
+  Arguments:
+    label_ids: ``(B, Lmax)`` integer label ids, padded.
+    label_mask: ``(B, Lmax)`` bool, True where ``label_ids`` holds a label.
+    num_labels: ``L``.
+  """
+  bad = jnp.asarray(label_mask) & ~_checks.in_range(jnp.asarray(label_ids), num_labels)
+  row, col = jnp.unravel_index(jnp.argmax(bad), bad.shape)
+  checkify.check(~jnp.any(bad),
+                 f"label_ids[{{row}}, {{col}}] = {{label}} is out of range for L={num_labels}",
+                 row=row, col=col, label=jnp.asarray(label_ids)[row, col])
 
 
 def _chunk_at(classifier, index, size: int, num_labels: int):

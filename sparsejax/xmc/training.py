@@ -100,7 +100,7 @@ def make_optimizer(model: XMCModel, *, total_steps: int, encoder_lr: float, clas
                    regrowth: str, key: jax.Array, layout: Layout | None = None) -> nnx.Optimizer:
   """The optimizer of an ``XMCModel``: Adam, and for a fixed fan-in classifier SET or RigL.
 
-  Adam with linear warm-up over ``warmup_steps`` (at most ``total_steps - 1``)
+  Adam with linear warm-up over ``warmup_steps`` (fewer than ``total_steps``)
   then cosine decay to 0 at ``total_steps``, with peak ``classifier_lr`` for
   the classifier's params and ``encoder_lr`` for all others
   (``optax.multi_transform``).
@@ -126,9 +126,12 @@ def make_optimizer(model: XMCModel, *, total_steps: int, encoder_lr: float, clas
     An ``nnx.Optimizer``; for a fixed fan-in classifier it also updates the
     topology (``wrt=(nnx.Param, sparsejax.nn.Indices)``).
   """
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps must be in [0, total_steps = {total_steps}), got "
+                     f"{warmup_steps}")
+
   def adam(peak):
-    warmup = min(warmup_steps, total_steps - 1)
-    return optax.adam(optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps))
+    return optax.adam(optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps))
 
   tx = optax.multi_transform({"encoder": adam(encoder_lr), CLASSIFIER: adam(classifier_lr)},
                              _param_group)
@@ -147,7 +150,7 @@ def make_optimizer(model: XMCModel, *, total_steps: int, encoder_lr: float, clas
 def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_of_label,
                 aux_weight, *, loss, label_chunk, num_clusters, layout=None,
                 compute_dtype=jnp.float32, update_kwargs=(), num_candidates=0):
-  """One optimizer step; returns the new states and ``[loss, main loss, aux loss]``.
+  """One optimizer step; returns the new states and ``[loss, main loss, aux loss, |grad|]``.
 
   ``cluster_of_label=None`` leaves the auxiliary head out of the step.
   ``update_kwargs`` (pairs) go to the optimizer's update; with
@@ -191,7 +194,13 @@ def _train_step(model_def, opt_def, wrt, model_state, opt_state, batch, cluster_
       candidates = candidates._replace(scores=(1 - aux_weight) * candidates.scores)
     extra["regrowth_candidates"] = {CLASSIFIER: candidates}
   optimizer.update(model, grads, **extra)
-  return nnx.state(model), nnx.state(optimizer), jnp.stack([total, main, aux])
+  return nnx.state(model), nnx.state(optimizer), jnp.stack([total, main, aux, _norm(grads)])
+
+
+def _norm(grads) -> jax.Array:
+  """The global L2 norm of the float leaves of ``grads`` (the topology's are ``float0``)."""
+  leaves = [g for g in jax.tree.leaves(grads) if jnp.issubdtype(g.dtype, jnp.floating)]
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
 def make_train_step(model_def, opt_def, wrt, *, loss: str, label_chunk: int,
@@ -231,7 +240,9 @@ def make_train_step(model_def, opt_def, wrt, *, loss: str, label_chunk: int,
     (model_state, opt_state, losses)``: ``batch`` as from
     ``sparsejax.data.xmc.batches``, ``cluster_of_label`` ``(L,)`` or None (no
     aux head in this step), ``aux_weight`` a float32 scalar, ``losses`` the
-    float32 ``[loss, main loss, aux loss]``. Both states are donated.
+    float32 ``[loss, main loss, aux loss, gradient norm]`` (the global L2 norm of
+    the float gradients, for the caller's divergence check). Both states are
+    donated.
   """
   if rewire not in (None, False):
     raise ValueError(f"rewire must be None or False, got {rewire!r}")

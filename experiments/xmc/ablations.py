@@ -1,0 +1,164 @@
+"""Ablations of the XMC recipe: named variants of the trainer's config, run side by side.
+
+``python -m experiments.xmc.ablations --dataset=DIR --output_dir=runs/ablations/NAME
+--rows=dense,sparse,... --base=epochs=20,batch_size=256`` trains every row (a
+``train.Config`` with the row's settings over ``--base``) in its own directory
+under ``--output_dir`` (a row that is done is not run again, one that was cut
+off resumes), then writes ``ablations.csv`` and ``ablations.md``: per row its
+settings, test P@1/3/5 and PSP@1/3/5, the final training loss, seconds per
+epoch and the time and metric differences to the ``dense`` row. The rows are
+``ROWS``; ``K`` is given as a share of the classifier's input width, so ``1/8``
+holds at any ``embed_dim``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fractions
+import json
+import pathlib
+import sys
+import time
+
+from absl import flags, logging
+
+from ..common import config_flags
+from . import train
+
+__all__ = ["ROWS", "row_config", "run", "table"]
+
+# Each row's settings over the base config. ``density`` sets fan_in to that share of the
+# classifier's input width (intermediate if set, else embed_dim).
+ROWS = {
+    "dense": dict(fan_in=0),
+    "sparse": dict(density="1/8"),
+    "sparse_static": dict(density="1/8", set_interval=0),
+    "sparse_rigl": dict(density="1/8", regrowth="rigl"),
+    "sparse_lr_x2": dict(density="1/8", classifier_lr=2e-2),
+    "sparse_lr_x4": dict(density="1/8", classifier_lr=4e-2),
+    "sparse_lr_x8": dict(density="1/8", classifier_lr=8e-2),
+    "sparse_aux": dict(density="1/8", aux=True),
+    "sparse_inter512": dict(density="1/8", intermediate=512),
+    "sparse_wide512": dict(density="1/8", embed_dim=512),
+    "dense_wide512": dict(fan_in=0, embed_dim=512),
+    "sparse_set_fast": dict(density="1/8", set_interval=20, set_fraction=0.5),
+    "sparse_rigl_lr_x4": dict(density="1/8", regrowth="rigl", classifier_lr=4e-2),
+    "sparse_wide512_rigl_lr_x4": dict(density="1/8", embed_dim=512, regrowth="rigl",
+                                      classifier_lr=4e-2),
+}
+
+
+def _parse_value(text: str, default):
+  if isinstance(default, bool):
+    if text not in ("true", "false"):
+      raise config_flags.ConfigError(f"a boolean setting must be true or false, got {text!r}")
+    return text == "true"
+  return type(default)(text)
+
+
+def parse_settings(pairs) -> dict:
+  """``["epochs=20", "aux=true"]`` as typed ``train.Config`` overrides."""
+  defaults, out = train.Config(), {}
+  for pair in pairs:
+    name, _, value = pair.partition("=")
+    if not hasattr(defaults, name) or not value:
+      raise config_flags.ConfigError(f"--base: {pair!r} is not 'field=value' of a train.Config "
+                                     "field")
+    out[name] = _parse_value(value, getattr(defaults, name))
+  return out
+
+
+def row_config(name: str, base: dict, output_dir: pathlib.Path) -> train.Config:
+  """The ``train.Config`` of row ``name`` over ``base``, in ``output_dir/name``."""
+  if name not in ROWS:
+    raise config_flags.ConfigError(f"--rows: unknown row {name!r}; the rows are "
+                                   f"{', '.join(ROWS)}")
+  settings = {**base, **ROWS[name]}
+  density = settings.pop("density", None)
+  if density is not None:
+    width = settings.get("intermediate") or settings.get("embed_dim", train.Config.embed_dim)
+    settings["fan_in"] = int(width * fractions.Fraction(density))
+  return train.Config(**settings, output_dir=str(output_dir / name))
+
+
+def run(rows: list[str], base: dict, output_dir: pathlib.Path,
+        on_row=lambda summaries: None) -> list[dict]:
+  """Trains every row (resuming where one stopped); returns one summary dict per row.
+
+  ``on_row(summaries)`` is called after each row (to write the tables as they grow).
+  """
+  configs = [row_config(name, base, output_dir) for name in rows]  # all checked before work
+  for config in configs:
+    train.check_config(config)
+  summaries = []
+  for name, config in zip(rows, configs):
+    print(f"== {name}: {ROWS[name]}", flush=True)
+    results = train.run(config)
+    epochs = results["epochs"]
+    summaries.append(dict(
+        row=name, settings=json.dumps(ROWS[name]), fan_in=config.fan_in,
+        **{m: round(100 * results["metrics"][m], 2) for m in
+           ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")},
+        final_loss=round(float(epochs[-1]["loss"]), 4) if epochs else None,
+        seconds_per_epoch=round(results["seconds_per_epoch"], 2)
+        if results["seconds_per_epoch"] else None,
+        device=results["device"]))
+    on_row(summaries)
+  return summaries
+
+
+def table(summaries: list[dict]) -> str:
+  """The markdown table of ``run``'s summaries, with differences to the ``dense`` row."""
+  dense = next((s for s in summaries if s["row"] == "dense"), None)
+  lines = ["| row | K | P@1 | P@3 | P@5 | PSP@1 | PSP@3 | PSP@5 | Δ P@1 | Δ PSP@5 | final loss "
+           "| s/epoch | time vs dense |", "|---|---:|" + "---:|" * 11]
+  for s in summaries:
+    delta = ("", "", "") if dense is None else (
+        f"{s['P@1'] - dense['P@1']:+.2f}", f"{s['PSP@5'] - dense['PSP@5']:+.2f}",
+        f"{s['seconds_per_epoch'] / dense['seconds_per_epoch']:.2f}x"
+        if s["seconds_per_epoch"] and dense["seconds_per_epoch"] else "")
+    lines.append(f"| {s['row']} | {s['fan_in'] or 'dense'} | {s['P@1']:.2f} | {s['P@3']:.2f} | "
+                 f"{s['P@5']:.2f} | {s['PSP@1']:.2f} | {s['PSP@3']:.2f} | {s['PSP@5']:.2f} | "
+                 f"{delta[0]} | {delta[1]} | {s['final_loss']} | {s['seconds_per_epoch']} | "
+                 f"{delta[2]} |")
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a dataset directory (see train)")
+  flags.DEFINE_list("rows", ["dense", "sparse"], f"rows to run, of: {', '.join(ROWS)}")
+  flags.DEFINE_list("base", [], "train.Config settings of every row, as field=value")
+  flags.DEFINE_string("output_dir", "runs/ablations", "one directory per row, and the tables")
+  flags.DEFINE_boolean("debug", False, "on an error, print its traceback (default: one line)")
+
+
+def main(argv) -> None:
+  del argv
+  FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)
+  with config_flags.one_line_errors(debug=FLAGS.debug):
+    out = pathlib.Path(FLAGS.output_dir)
+    base = {"dataset": FLAGS.dataset, **parse_settings(FLAGS.base)}
+    start = time.time()
+    command = "python -m experiments.xmc.ablations " + " ".join(sys.argv[1:])
+
+    def write(summaries):
+      out.mkdir(parents=True, exist_ok=True)
+      with open(out / "ablations.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
+        writer.writeheader()
+        writer.writerows(summaries)
+      (out / "ablations.md").write_text(
+          f"Command: `{command}`\n\nBase: {base}; device: {summaries[0]['device']}; "
+          f"{time.time() - start:.0f} s\n\n{table(summaries)}\n")
+
+    print(table(run(FLAGS.rows, base, out, on_row=write)))
+
+
+def run_script() -> None:
+  """The console script: parses the flags and runs ``main``."""
+  config_flags.launch(define_flags, main)
+
+
+if __name__ == "__main__":
+  run_script()
