@@ -10,8 +10,8 @@ import pytest
 from sparsejax.data.synthetic_xmc import signature_features, synthetic_xmc
 from sparsejax.data.xmc import (XMCDataset, XMCFormatError, batches, bow_header,
                                 check_train_test, epoch_order, hash_tokenize, iter_bow, pad_points,
-                                pad_tokens, read_bow, read_raw_text, steps_per_epoch, write_bow,
-                                write_raw_text)
+                                pad_tokens, read_bow, read_raw_text, split_off, steps_per_epoch,
+                                write_bow, write_raw_text)
 
 _FIELDS = ("feature_indptr", "feature_ids", "feature_values", "label_indptr", "label_ids")
 
@@ -343,6 +343,23 @@ def test_check_train_test_refuses_unusable_pairs(tmp_path):
 
 
 # ----------------------------------------------------------------------- batching
+
+
+def test_split_off_is_disjoint_stable_and_independent_of_the_count():
+  kept, held = split_off(10_000, 0.1, seed=3)
+  assert np.intersect1d(kept, held).size == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([kept, held])), np.arange(10_000))
+  assert 900 < held.size < 1100
+  again = split_off(10_000, 0.1, seed=3)
+  np.testing.assert_array_equal(again[1], held)  # the same seed, the same split
+  # A point's side depends on its index only: more points leave the first ones as they were.
+  longer = split_off(12_000, 0.1, seed=3)[1]
+  np.testing.assert_array_equal(longer[longer < 10_000], held)
+  assert not np.array_equal(split_off(10_000, 0.1, seed=4)[1], held)
+  assert split_off(100, 0.0, seed=0)[1].size == 0
+  for fraction in (-0.1, 1.0, float("nan")):
+    with pytest.raises(ValueError, match="fraction must be a number in"):
+      split_off(10, fraction, seed=0)
 
 
 def test_pad_points_matches_rows_and_masks():

@@ -110,12 +110,14 @@ class Config:
                                  "validation split", at_least=0, at_most=0.5)
 
   # The model.
-  embed_dim: int = _field(128, "width of the embedding bag and of the MLP", at_least=1)
+  embed_dim: int = _field(0, "width of the embedding bag and of the MLP; 0: auto, 8 x fan_in "
+                          "for a fixed fan-in classifier without --intermediate (the recipe: "
+                          "K is 1/8 of a wide encoder's output) and 128 otherwise", at_least=0)
   hidden_layers: int = _field(1, "residual MLP blocks z + Linear(ReLU(z)) after the bag",
                               at_least=0)
   intermediate: int = _field(0, "width of a linear layer before the classifier (0: none)",
                              at_least=0)
-  fan_in: int = _field(32, "inputs K of each label of the fixed fan-in classifier "
+  fan_in: int = _field(64, "inputs K of each label of the fixed fan-in classifier "
                        "(0: dense classifier); at most the classifier's input width", at_least=0)
   loss: str = _field("squared_hinge", "summed over all labels", choices=LOSSES)
   label_chunk: int = _field(0, "labels scored at once in the loss and the top-k (0: auto, "
@@ -174,6 +176,13 @@ class Config:
   mesh: str = _field("", "device mesh 'data:D,labels:M', e.g. 'data:2,labels:4' (D * M = all "
                      "devices of all processes): each batch is split over D devices, the "
                      "classifier's labels over M; '' trains on one device")
+
+  @property
+  def encoder_width(self) -> int:
+    """``embed_dim``, or for 0 (auto) ``8 * fan_in`` (sparse, no intermediate) or 128."""
+    if self.embed_dim:
+      return self.embed_dim
+    return 8 * self.fan_in if self.fan_in and not self.intermediate else 128
 
   @property
   def rewires(self) -> bool:
@@ -284,7 +293,7 @@ def check_config(config: Config) -> None:
       where = "does not exist" if not root.exists() else f"has no {' and no '.join(missing)}"
       raise ConfigError(f"--dataset={config.dataset}: the directory {where}; give 'synthetic' "
                         "or a directory with train.txt and test.txt (BoW format)")
-  width = config.intermediate or config.embed_dim
+  width = config.intermediate or config.encoder_width
   if config.fan_in > width:
     source = "--intermediate" if config.intermediate else "--embed_dim"
     raise ConfigError(f"--fan_in={config.fan_in} exceeds the classifier's input width {width} "
@@ -331,7 +340,7 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
   """
   model_key, set_key, _ = _keys(config)
   model = XMCModel(num_features=num_features, num_labels=num_labels,
-                   embed_dim=config.embed_dim, hidden_layers=config.hidden_layers,
+                   embed_dim=config.encoder_width, hidden_layers=config.hidden_layers,
                    intermediate=config.intermediate, fan_in=config.fan_in,
                    num_clusters=config.num_clusters(num_labels),
                    classifier_bias=initial_classifier_bias(config.loss, num_labels),
