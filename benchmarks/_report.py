@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: their sections of BENCHMARKS.md and the CPU's name.
+"""What the benchmark scripts share: their sections of BENCHMARKS.md, the CPU's name, and
+the timing, copy-bandwidth and matmul-rate measurements.
 
 Imported as ``benchmarks._report`` (tests, or the repository root on the path) or
 as ``_report`` (a script run as ``python benchmarks/<script>.py``, whose folder
@@ -10,6 +11,11 @@ from __future__ import annotations
 import pathlib
 import platform
 import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -43,3 +49,41 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def time_median(fn, inputs, repeats: int) -> float:
+  """Median seconds of ``fn(*inputs[i % len(inputs)])`` after one warm-up per input set."""
+  for args in inputs:
+    jax.block_until_ready(fn(*args))
+  seconds = []
+  for i in range(repeats):
+    args = inputs[i % len(inputs)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
+def copy_bandwidth(repeats: int) -> float:
+  """Device-to-device copy GB/s (bytes read + written) of a 1 GiB (CPU: 256 MiB) buffer."""
+  size = (1 << 28 if jax.default_backend() != "cpu" else 1 << 26)
+  buffers = [jax.random.normal(jax.random.key(i), (size,), jnp.float32) for i in range(2)]
+  copy = jax.jit(lambda a: a + 0.0)  # one read, one write
+  seconds = time_median(copy, [(b,) for b in buffers], repeats)
+  return 2 * size * 4 / seconds / 1e9
+
+
+def matmul_rate(size: int, repeats: int, burst: int = 5) -> float:
+  """bf16 FLOP/s of a ``size``^3 matmul on random data: the median over ``repeats`` bursts.
+
+  A burst queues ``burst`` matmuls before waiting, so the dispatch latency is not timed.
+  """
+  a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.bfloat16) for i in (1, 2))
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(a, b))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready([matmul(a, b) for _ in range(burst)])
+    seconds.append((time.perf_counter() - start) / burst)
+  return 2 * size**3 / statistics.median(seconds)

@@ -2,18 +2,20 @@
 # One GPU session: versions, then the named steps, each on its own (a failing step never stops
 # the next; every exit status goes to $OUT/status.txt).
 # Usage (on the GPU machine, from the repository root):
-#   bash benchmarks/gpu_check.sh [tests|layer|set|xmc|profile|profile_tile|bench|sweep]...
+#   bash benchmarks/gpu_check.sh [tests|layer|set|xmc|profile|profile_tile|bench|mvue|recipe]...
 # (no step: tests layer set xmc). Steps:
 #   tests         compiled-kernel tests: test_kernels_fanin.py, test_kernels_nm.py and
 #                 test_kernels_fanin_tile.py when present
-#   layer         benchmarks/kernels.py, all fixed fan-in paths and the torch CSR peer, N:M off;
+#   layer         benchmarks/kernels.py, all fixed fan-in paths and the torch CSR peer;
 #                 its table, the dispatch CSV and the torch peer's JSON lines into $OUT
 #   set           benchmarks/set_rewire.py when present (SET_ARGS: its flags)
 #   xmc           benchmarks/xmc_trainer.py (XMC_ARGS: its flags, e.g. "--labels 670091 --merge")
 #   profile       ncu of the N:M kernels (mask, fused dW)
 #   profile_tile  ncu of one fwd+bwd of the fused tile kernel (NCU_KERNELS, default regex:tile;
 #                 TILE_SHAPE "L K", default "670091 64"), bf16
-#   bench, sweep  kernels.py with the N:M section; the N:M launch-setting sweep
+#   bench         kernels.py, default flags
+#   mvue          benchmarks/mvue_cost.py --sweep: the MVUE mask and fused dW kernels next to the
+#                 dW GEMM (MVUE_ARGS: its flags, e.g. "--compare_with .bench_old")
 #   recipe        experiments.xmc.ablations (RECIPE_DATA, RECIPE_ROWS, RECIPE_BASE): the XMC
 #                 recipe's rows side by side, tables and per-row metrics into $OUT
 # Logs and the rewritten BENCHMARKS.md go to $OUT (default ./gpu_out); TAG (default empty) is
@@ -53,7 +55,7 @@ run_step() {  # one step; prints and records its exit status
               -p no:cacheprovider --rootdir="$R" "${tests[@]}" -q 2>&1) > "$OUT/tests_full$T.txt"
            local rc=$?; tail -40 "$OUT/tests_full$T.txt" | tee "$OUT/tests$T.txt"; return $rc ;;
     layer) read -ra layer_args <<< "${LAYER_ARGS:-}"
-           timeout "$limit" python3 benchmarks/kernels.py --nm_tokens 0 --max_dense_gib 40 \
+           timeout "$limit" python3 benchmarks/kernels.py --max_dense_gib 40 \
              --repeats 10 --torch_timeout 240 --dispatch_csv "$OUT/dispatch$T.csv" \
              --torch_jsonl "$OUT/torch_peer$T.jsonl" "${layer_args[@]}" 2>&1 | tee "$OUT/layer$T.txt"
            local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
@@ -68,6 +70,7 @@ run_step() {  # one step; prints and records its exit status
     profile) [ -z "$NCU" ] && { echo "ncu: not found"; return 127; }
              timeout "$limit" "$NCU" --set default --section ComputeWorkloadAnalysis \
                --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+               --section InstructionStats \
                -k regex:"mask_kernel|dw_kernel" python3 benchmarks/profile_kernels.py --which nm \
                > "$OUT/ncu_nm.txt" 2>&1
              local rc=$?; tail -5 "$OUT/ncu_nm.txt"; return $rc ;;
@@ -91,8 +94,10 @@ EOF
       local rc=$?; tail -5 "$OUT/ncu_tile$T.txt"; return $rc ;;
     bench) timeout "$limit" python3 benchmarks/kernels.py --max_dense_gib 40 2>&1 | tee "$OUT/bench.txt"
            local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
-    sweep) timeout "$limit" python3 benchmarks/kernels.py --nm_sweep --repeats 10 2>&1 \
-             | tee "$OUT/nm_sweep.txt"; return "${PIPESTATUS[0]}" ;;
+    mvue) read -ra mvue_args <<< "${MVUE_ARGS:-}"
+          timeout "$limit" python3 benchmarks/mvue_cost.py --sweep "${mvue_args[@]}" 2>&1 \
+            | tee "$OUT/mvue_cost$T.txt"
+          local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return $rc ;;
     recipe) # The XMC recipe's ablations (experiments.xmc.ablations): RECIPE_DATA (a dataset
             # directory, carried, or synthetic), RECIPE_ROWS, RECIPE_BASE (comma lists). Runs go
             # to /tmp (checkpoints are too large to come back); tables and logs to $OUT.

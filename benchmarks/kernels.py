@@ -32,12 +32,7 @@ time ratio to dense bf16, and the fraction of the FLOP floor: the dense layer's
 FLOPs for the gather designs, which do only K/in of them). ``--dispatch_csv``
 writes one line per timed row, the data behind ``sparsejax.dispatch``.
 
-MVUE N:M gradient pruning of a (tokens, out) dY along the tokens (``--nm_*``
-flags; ``--nm_tokens 0`` skips it), for 1:2, 2:4 and approximate 2:4: the mask
-alone (``xla``: ``sparsejax.nm_prune``; ``pallas``: the in-kernel-RNG kernel,
-checked equal to it first) with bytes = dY read + written; and ``dW = X^T
-prune(dY)`` as mask-then-matmul (XLA mask or kernel mask, then an XLA matmul)
-against the fused kernel that never writes the pruned dY.
+The MVUE N:M kernels have their own benchmark, ``benchmarks/mvue_cost.py``.
 
 Progress goes to stderr; the tables to stdout and to their section of
 ``BENCHMARKS.md``.
@@ -50,7 +45,6 @@ import functools
 import json
 import pathlib
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,17 +62,11 @@ except ImportError:  # run as `python benchmarks/<script>.py`: this folder is on
   import _report
 import sparsejax as sj
 
+_time, copy_bandwidth, matmul_rate = (_report.time_median, _report.copy_bandwidth,
+                                      _report.matmul_rate)
+
 START_MARKER, END_MARKER = _report.markers("kernels")
 write_section = functools.partial(_report.write_section, name="kernels")
-
-
-@dataclasses.dataclass
-class NmRow:
-  pruning: str
-  path: str
-  ms: float | None
-  bytes_moved: int
-  note: str = ""
 
 
 @dataclasses.dataclass
@@ -125,44 +113,6 @@ def _log(message: str) -> None:
 def _one_line(error: BaseException) -> str:
   lines = str(error).strip().splitlines()
   return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300].replace("|", "/")
-
-
-def _time(fn, inputs, repeats: int) -> float:
-  """Median seconds of ``fn(*inputs[i % len(inputs)])`` after one warm-up per input set."""
-  for args in inputs:
-    jax.block_until_ready(fn(*args))
-  seconds = []
-  for i in range(repeats):
-    args = inputs[i % len(inputs)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
-
-
-def copy_bandwidth(repeats: int) -> float:
-  """Device-to-device copy GB/s (bytes read + written) of a 1 GiB (CPU: 256 MiB) buffer."""
-  size = (1 << 28 if jax.default_backend() != "cpu" else 1 << 26)
-  buffers = [jax.random.normal(jax.random.key(i), (size,), jnp.float32) for i in range(2)]
-  copy = jax.jit(lambda a: a + 0.0)  # one read, one write
-  seconds = _time(copy, [(b,) for b in buffers], repeats)
-  return 2 * size * 4 / seconds / 1e9
-
-
-def matmul_rate(size: int, repeats: int, burst: int = 5) -> float:
-  """bf16 FLOP/s of a ``size``^3 matmul on random data: the median over ``repeats`` bursts.
-
-  A burst queues ``burst`` matmuls before waiting, so the dispatch latency is not timed.
-  """
-  a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.bfloat16) for i in (1, 2))
-  matmul = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(matmul(a, b))
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready([matmul(a, b) for _ in range(burst)])
-    seconds.append((time.perf_counter() - start) / burst)
-  return 2 * size**3 / statistics.median(seconds)
 
 
 def _sparse_step(impl):
@@ -490,108 +440,6 @@ def write_dispatch_csv(path: pathlib.Path, rows, batch: int, in_features: int) -
   path.write_text("\n".join(lines) + "\n")
 
 
-_NM = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx")]
-
-
-def run_nm(tokens: int, in_features: int, out: int, dtype, repeats: int):
-  """Rows for the MVUE mask and the weight gradient; kernels only on GPU."""
-  from sparsejax.kernels import nm
-  from sparsejax.mvue import key_data
-  gpu = jax.default_backend() == "gpu"
-  keys = [jax.random.key(40 + i) for i in range(2)]
-  gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
-  xs = [jax.random.normal(jax.random.key(60 + i), (tokens, in_features), dtype) for i in range(2)]
-  item = jnp.dtype(dtype).itemsize
-  rows = []
-  for n, m, method in _NM:
-    name = f"{n}:{m} {method}"
-    xla_mask = jax.jit(lambda g, k, n=n, m=m, method=method: sj.nm_prune(
-        g, key=k, n=n, m=m, method=method, axis=0))
-    kernel_mask = jax.jit(lambda g, k, m=m, method=method: nm.nm_prune_kernel(
-        g, key_data(k), m=m, method=method, axis=0))
-    fused = jax.jit(lambda x, g, k, m=m, method=method: nm.pruned_weight_grad(
-        x, g, key_data(k), m=m, method=method))
-    mask_bytes = 2 * tokens * out * item
-    dw_bytes = tokens * (in_features + out) * item + in_features * out * 4
-    mask_paths = {"xla": xla_mask} | ({"pallas": kernel_mask} if gpu else {})
-    for path, mask in mask_paths.items():
-      note = ""
-      if path == "pallas":
-        got, want = (np.asarray(f(gs[0], keys[0]), np.float32) for f in (kernel_mask, xla_mask))
-        same = np.array_equal(got != 0, want != 0)
-        diff = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-        if not same or diff > 1e-6:
-          raise AssertionError(f"mask kernel {name} differs from nm_prune: {diff}")
-        note = "bit-equal to nm_prune" if diff == 0 else f"kept equal, max rel diff {diff:.0e}"
-      seconds = _time(mask, list(zip(gs, keys)), repeats)
-      rows.append(NmRow(name, f"mask: {path}", seconds * 1e3, mask_bytes, note))
-      dw = jax.jit(lambda x, g, k, mask=mask: (x.T @ mask(g, k)).astype(jnp.float32))
-      seconds = _time(dw, list(zip(xs, gs, keys)), repeats)
-      rows.append(NmRow(name, f"dW: {path} mask, then matmul", seconds * 1e3, dw_bytes))
-    if gpu:
-      want = np.asarray(xs[0], np.float32).T @ np.asarray(xla_mask(gs[0], keys[0]), np.float32)
-      err = float(np.linalg.norm(np.asarray(fused(xs[0], gs[0], keys[0])) - want)
-                  / np.linalg.norm(want))
-      if not err < 1e-2:
-        raise AssertionError(f"fused dW {name}: relative error {err}")
-      seconds = _time(fused, list(zip(xs, gs, keys)), repeats)
-      rows.append(NmRow(name, "dW: fused kernel", seconds * 1e3, dw_bytes,
-                        f"check rel err {err:.1e}"))
-    else:
-      rows.append(NmRow(name, "mask: pallas; dW: fused kernel", None, mask_bytes,
-                        "not run: no GPU (interpret mode is tested in tests/test_kernels_nm.py)"))
-  return rows
-
-
-def sweep_nm(tokens: int, in_features: int, out: int, dtype, repeats: int) -> str:
-  """Times the 2:4 MVUE mask and fused dW kernels over launch settings (GPU)."""
-  from sparsejax.kernels import nm
-  from sparsejax.mvue import key_data
-  keys = [key_data(jax.random.key(40 + i)) for i in range(2)]
-  gs = [jax.random.normal(jax.random.key(50 + i), (tokens, out), dtype) for i in range(2)]
-  xs = [jax.random.normal(jax.random.key(60 + i), (tokens, in_features), dtype) for i in range(2)]
-  cases = [("mask", nm.MaskTuning(groups, warps, stages)) for groups in (256, 512, 1024)
-           for warps in (4, 8, 16) for stages in (1, 2)]
-  # Each program prunes its dY tiles once per block of inputs: wide input blocks prune less
-  # often, at the cost of registers and of re-reading X once per block of outputs. Token
-  # splits multiply the programs (in x out alone gives ~2 waves on an H100).
-  cases += [("fused dW", nm.DwTuning(bi, bo, bg, warps, stages, splits))
-            for bi, bo in ((128, 64), (256, 32), (256, 64), (512, 16))
-            for bg in (16, 32) for warps in (4, 8) for stages in (2, 3) for splits in (1, 4, 8)]
-  results = []
-  for kernel, tuning in cases:
-    if kernel == "mask":
-      fn = jax.jit(lambda x, g, k, t=tuning: nm.nm_prune_kernel(g, k, m=4, method="mvue", axis=0,
-                                                                tuning=t))
-    else:
-      fn = jax.jit(lambda x, g, k, t=tuning: nm.pruned_weight_grad(x, g, k, m=4, method="mvue",
-                                                                   tuning=t))
-    try:
-      ms = _time(fn, list(zip(xs, gs, keys)), repeats) * 1e3
-      results.append((kernel, tuning, ms, ""))
-    except Exception as error:  # a launch setting the compiler rejects: report, go on
-      results.append((kernel, tuning, float("inf"), type(error).__name__))
-  lines = [f"N:M kernel launch settings, 2:4 mvue, tokens {tokens:,}, in {in_features}, "
-           f"out {out}, {jnp.dtype(dtype).name}:", "", "| kernel | settings | ms |", "|---|---|---:|"]
-  for kernel, t, ms, err in sorted(results, key=lambda r: (r[0], r[2])):
-    lines.append(f"| {kernel} | {t} | {ms:.3f}{' ' + err if err else ''} |")
-  return "\n".join(lines)
-
-
-def format_nm_table(rows, bandwidth: float) -> str:
-  lines = ["| pruning | path | ms | MB moved | GB/s | of copy BW | note |",
-           "|---|---|---:|---:|---:|---:|---|"]
-  for r in rows:
-    if r.ms is None:
-      lines.append(f"| {r.pruning} | {r.path} | - | {r.bytes_moved / 1e6:,.0f} | - | - | "
-                   f"{r.note} |")
-      continue
-    gbs = r.bytes_moved / (r.ms / 1e3) / 1e9
-    lines.append(f"| {r.pruning} | {r.path} | {r.ms:,.3f} | {r.bytes_moved / 1e6:,.0f} | "
-                 f"{gbs:,.0f} | {gbs / bandwidth:.0%} | {r.note} |")
-  return "\n".join(lines)
-
-
 def format_table(rows, bandwidth: float, rate: float | None, batch: int,
                  in_features: int) -> str:
   """The markdown table; ``rate`` is the bf16 matmul FLOP/s of the FLOP-floor column."""
@@ -613,8 +461,8 @@ def format_table(rows, bandwidth: float, rate: float | None, batch: int,
   return "\n".join(lines)
 
 
-def render_section(rows, bandwidth: float, command: str, nm_rows=(), nm_shape=None, *,
-                   rate: float | None = None, matmul_size: int = 0, checks=(), batch: int = 256,
+def render_section(rows, bandwidth: float, command: str, *, rate: float | None = None,
+                   matmul_size: int = 0, checks=(), batch: int = 256,
                    in_features: int = 768, torch_about: str = "not run") -> str:
   """The kernels section of BENCHMARKS.md (without markers)."""
   device = jax.devices()[0]
@@ -650,11 +498,7 @@ def render_section(rows, bandwidth: float, command: str, nm_rows=(), nm_shape=No
       "(SpMM; dx with the CSC view `W_t.t()`, or a precomputed transposed CSR, as its note "
       "says), dvalues by `torch.sparse.sampled_addmm` (SDDMM); the same construction of "
       f"the random topology, not the same bits. Peer: {torch_about}.", "",
-      format_table(rows, bandwidth, rate, batch, in_features), "",
-      *([f"MVUE N:M pruning of dY (tokens, out) = ({nm_shape[0]:,}, {nm_shape[2]:,}) along the "
-         f"tokens, {nm_shape[3]}; dW = X^T prune(dY) with X ({nm_shape[0]:,}, {nm_shape[1]:,}). "
-         "Mask MB = dY read + written; dW MB = X and dY read, float32 dW written.", "",
-         format_nm_table(nm_rows, bandwidth), ""] if nm_rows else [])])
+      format_table(rows, bandwidth, rate, batch, in_features), ""])
 
 
 def define_flags():
@@ -674,12 +518,7 @@ def define_flags():
   flags.DEFINE_string("torch_jsonl", "", "where the torch peer writes its JSON lines "
                       "('': a temporary file)")
   flags.DEFINE_float("torch_timeout", 300, "seconds before the torch peer's process is killed")
-  flags.DEFINE_integer("nm_tokens", 8192, "tokens of the N:M pruning benchmark (0 skips it)")
-  flags.DEFINE_integer("nm_in", 768, "input features of the N:M weight-gradient benchmark")
-  flags.DEFINE_integer("nm_out", 3072, "output features (dY columns) of the N:M benchmark")
-  flags.DEFINE_enum("nm_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of X and dY")
   flags.DEFINE_bool("sweep", False, "time each kernel over launch settings (GPU) and exit")
-  flags.DEFINE_bool("nm_sweep", False, "time the N:M kernels over launch settings (GPU) and exit")
   flags.DEFINE_string("output", str(pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
                       "file whose kernels section is rewritten ('' to skip)")
 
@@ -687,10 +526,6 @@ def define_flags():
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  if FLAGS.nm_sweep:
-    print(sweep_nm(FLAGS.nm_tokens, FLAGS.nm_in, FLAGS.nm_out, jnp.dtype(FLAGS.nm_dtype),
-                   FLAGS.repeats))
-    return
   if FLAGS.sweep:
     print(sweep(int(FLAGS.outs[0]), int(FLAGS.fan_ins[0]), FLAGS.batch, FLAGS.in_features,
                 FLAGS.repeats))
@@ -715,11 +550,10 @@ def main(argv):
       checks.append(check_ragged(impl, _tolerance(impl, "f32")))
       _log(checks[-1])
   command = "python benchmarks/kernels.py " + " ".join(sys.argv[1:])
-  nm_shape = (FLAGS.nm_tokens, FLAGS.nm_in, FLAGS.nm_out, FLAGS.nm_dtype)
-  rows, nm_rows = [], []
+  rows = []
 
   def write():  # after every out: a run killed at its time limit keeps what it measured
-    section = render_section(rows, bandwidth, command, nm_rows, nm_shape, rate=rate,
+    section = render_section(rows, bandwidth, command, rate=rate,
                              matmul_size=size, checks=checks, batch=FLAGS.batch,
                              in_features=FLAGS.in_features, torch_about=torch_about)
     if FLAGS.dispatch_csv:
@@ -732,8 +566,6 @@ def main(argv):
     rows += run([out], fan_ins, FLAGS.batch, FLAGS.in_features, FLAGS.repeats,
                 FLAGS.max_dense_gib * 2**30, FLAGS.xla_max_out, paths, rows_of_torch)
     write()
-  if FLAGS.nm_tokens:
-    nm_rows = run_nm(*nm_shape[:3], jnp.dtype(FLAGS.nm_dtype), FLAGS.repeats)
   print(write())
 
 

@@ -32,19 +32,23 @@ def prune_columns(columns: list, uniforms: list, *, method: str) -> list:
 
   Returns:
     ``m`` arrays: the kept entries ``x_j / p_j``, zeros elsewhere; a group
-    holding a NaN or inf comes out unchanged (``keep_non_finite``).
+    holding a NaN or inf (or whose ``sum |x|`` overflows) comes out unchanged.
   """
   a = [jnp.abs(x) for x in columns]
+  total = _running_sums(a)[-1]
   if method == "mvue_approx":
-    p, kept = _two_without_replacement(a, uniforms[0], uniforms[1])
+    p, kept = _two_without_replacement(a, total, uniforms[0], uniforms[1])
     scaled = [x / jnp.where(k, pj, 1) for x, pj, k in zip(columns, p, kept)]
   else:
     # x / p in closed form (sign(x) S for 1:2, sign(x) S / 2 for 2:4, ...): exact, and
     # free of divisions that a compiler could reassociate differently in a kernel.
-    magnitude, kept = (_mvue_pair if len(columns) == 2 else _mvue_systematic)(a, uniforms[0])
+    rule = _mvue_pair if len(columns) == 2 else _mvue_systematic
+    magnitude, kept = rule(a, total, uniforms[0])
     scaled = [jnp.where(x < 0, -s, s) for x, s in zip(columns, magnitude)]
   zero = jnp.zeros_like(columns[0])
-  return keep_non_finite(columns, [jnp.where(k, v, zero) for v, k in zip(scaled, kept)])
+  # One test on the sum instead of one per entry: a NaN or inf anywhere makes it non-finite.
+  bad = ~jnp.isfinite(total)
+  return [jnp.where(bad, x, jnp.where(k, v, zero)) for x, v, k in zip(columns, scaled, kept)]
 
 
 def keep_non_finite(columns: list, pruned: list) -> list:
@@ -94,15 +98,19 @@ def _pick(weights, point):
   return picked
 
 
-def _mvue_pair(a, u):
-  """Kept magnitude ``|x| / p = S`` for either entry, and the kept entry."""
-  total = _running_sums(a)[-1]
-  return [total] * len(a), _pick(a, u)
+def _mvue_pair(a, total, u):
+  """Kept magnitude ``|x| / p = S`` for either entry, and the kept entry.
+
+  Entry 0 is kept when ``u S < |x_0|``, or when entry 1 is zero (so a group with one
+  non-zero keeps it, whatever the rounding of ``u S``): two compares, the fewest the
+  GPU kernel can run.
+  """
+  first = (u * total < a[0]) | (a[1] == 0)
+  return [total, total], [first, ~first]
 
 
-def _mvue_systematic(a, u):
+def _mvue_systematic(a, total, u):
   """Kept magnitudes ``|x| / p`` and kept entries of 2:4 systematic sampling."""
-  total = _running_sums(a)[-1]
   a_max = functools.reduce(jnp.maximum, a)
   # Only one entry can exceed half the total; first index on an exact tie.
   dominant, seen = [], jnp.zeros(u.shape, bool)
@@ -122,8 +130,7 @@ def _mvue_systematic(a, u):
   return magnitude, [jnp.where(has_dominant, x, y) for x, y in zip(with_dominant, spread)]
 
 
-def _two_without_replacement(a, u1, u2):
-  total = _running_sums(a)[-1]
+def _two_without_replacement(a, total, u1, u2):
   first = _pick(a, u1)
   second = _pick([jnp.where(f, 0, aj) for f, aj in zip(first, a)], u2)
   t = [aj / _safe(total) for aj in a]

@@ -1,21 +1,16 @@
 """Pallas kernels for unbiased (MVUE) N:M pruning of neural gradients.
 
 Both kernels draw their uniforms in-kernel with the map of ``sparsejax.mvue``
-(group ``g`` numbered in the order of ``sparsejax.nm_prune``, group axis moved
-last; with one uniform per group, groups ``2 c`` and ``2 c + 1`` share the
-cipher block ``threefry2x32(key, (c, 0))``). The bits therefore depend on the
-key and the group, never on the block sizes, and the kernels run the library's
-own elementwise pieces (``group_words``, ``threefry_words``, ``prune_columns``),
-so they agree with ``nm_prune`` bit for bit.
+(group ``g`` numbered in memory order takes ``hash_word(key, g)``), so the bits
+depend on the key and the group, never on the block sizes; and they run the
+library's own elementwise pieces (``group_words``, ``prune_columns``), so they
+agree with ``nm_prune`` bit for bit.
 
 Layout: an array pruned along ``axis`` is viewed, without a copy, as
 ``(R, m, Q)``: ``Q`` is the product of the dims after ``axis``, and view row
-``r = p * A' + a'`` is group ``a'`` of the ``A' = A / m`` groups of slice ``p``.
-A tile of groups is then ``m`` loads ``ref[:, j, :]``, one per entry of the
-group, and its group numbers are ``(p * Q + q) * A' + a'``. When ``A'`` is
-even, view rows ``2 s`` and ``2 s + 1`` hold groups ``2 c`` and ``2 c + 1``:
-the mask kernel then views the array as ``(R / 2, 2 m, Q)`` and runs one
-threefry per pair of groups (single-draw methods), half the integer work.
+``r`` holds the groups ``r Q .. r Q + Q - 1``. A tile of groups is then ``m``
+loads ``ref[:, j, :]``, one per entry of the group, and a group's number is one
+multiply-add of its row and column.
 
 * ``nm_prune_kernel``: reads dY, writes the pruned dY.
 * ``pruned_weight_grad``: ``dW = X^T prune(dY)`` pruned along the token axis,
@@ -38,15 +33,17 @@ from jax.experimental.pallas import triton as plgpu
 from .vma import kernel_out_shape
 from .mvue_columns import DRAWS, prune_columns
 
-from .threefry import group_words, threefry_words, uniform_from_word
+from .counter_hash import group_words, uniform_from_word
 
 __all__ = ["MaskTuning", "DwTuning", "MASK_TUNING", "DW_TUNING", "nm_prune_kernel",
            "pruned_weight_grad"]
 
 
 class MaskTuning(NamedTuple):
-  """Launch settings of ``nm_prune_kernel``: groups per program and Triton settings."""
+  """Launch settings of ``nm_prune_kernel``: groups per program (``block_cols`` of them
+  side by side along the contiguous axis) and Triton settings."""
   groups_per_program: int = 2048
+  block_cols: int = 256
   num_warps: int = 4
   num_stages: int = 1
 
@@ -71,37 +68,27 @@ DW_TUNING = DwTuning(block_in=256, block_out=64, block_groups=16, num_warps=4, n
 
 
 def _view(shape, axis: int, m: int):
-  """``(R, m, Q)`` and ``A'`` (groups per slice) of an array pruned along ``axis``."""
-  per_slice = shape[axis] // m
-  return (math.prod(shape[:axis]) * per_slice, m, math.prod(shape[axis + 1:])), per_slice
+  """The ``(R, m, Q)`` view of an array pruned along ``axis``."""
+  return math.prod(shape[:axis]) * (shape[axis] // m), m, math.prod(shape[axis + 1:])
 
 
 def _uniforms(key_ref, group, draws: int):
   return [uniform_from_word(w) for w in group_words((key_ref[0], key_ref[1]), group, draws)]
 
 
-def _mask_kernel(key_ref, x_ref, out_ref, *, method: str, m: int, rows: int, cols: int,
-                 per_slice: int, paired: bool):
-  block_rows, _, block_cols = x_ref.shape
+def _mask_kernel(key_ref, x_ref, out_ref, *, method: str, rows: int, cols: int):
+  block_rows, m, block_cols = x_ref.shape
   r = pl.program_id(0) * block_rows + jnp.arange(block_rows)[:, None]
   q = pl.program_id(1) * block_cols + jnp.arange(block_cols)[None, :]
-  valid = (r < rows) & (q < cols)  # the Triton lowering neither clips nor masks ragged blocks
-  r, q = r.astype(jnp.uint32), q.astype(jnp.uint32)  # group numbers go up to 2^32 - 1
-  if paired:
-    # View row r holds groups 2c and 2c + 1 (entries j and m + j): one cipher block for both.
-    first = ((2 * r // per_slice) * cols + q) * per_slice + 2 * r % per_slice
-    words = threefry_words((key_ref[0], key_ref[1]), first >> np.uint32(1),
-                           jnp.zeros(first.shape, jnp.uint32))
-    tiles = [(0, [uniform_from_word(words[0])]), (m, [uniform_from_word(words[1])])]
-  else:
-    group = ((r // per_slice) * cols + q) * per_slice + r % per_slice
-    tiles = [(0, _uniforms(key_ref, group, DRAWS[method, m // 2, m]))]
-  for offset, u in tiles:
-    entries = [plgpu.load(x_ref.at[:, np.int32(offset + j), :], mask=valid, other=0)
-               .astype(jnp.float32) for j in range(m)]
-    for j, pruned in enumerate(prune_columns(entries, u, method=method)):
-      plgpu.store(out_ref.at[:, np.int32(offset + j), :], pruned.astype(out_ref.dtype),
-                  mask=valid)
+  # The Triton lowering neither clips nor masks ragged blocks; aligned ones need no mask.
+  ragged = rows % block_rows or cols % block_cols
+  valid = ((r < rows) & (q < cols)) if ragged else None
+  group = r.astype(jnp.uint32) * np.uint32(cols) + q.astype(jnp.uint32)
+  u = _uniforms(key_ref, group, DRAWS[method, m // 2, m])
+  entries = [plgpu.load(x_ref.at[:, np.int32(j), :], mask=valid, other=0 if ragged else None)
+             .astype(jnp.float32) for j in range(m)]
+  for j, pruned in enumerate(prune_columns(entries, u, method=method)):
+    plgpu.store(out_ref.at[:, np.int32(j), :], pruned.astype(out_ref.dtype), mask=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "method", "axis", "interpret", "tuning"))
@@ -111,24 +98,19 @@ def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: b
 
   Arguments:
     x: float32/bfloat16 array, ``x.shape[axis] % m == 0`` (checked by the caller).
-    key_data: uint32 ``(2,)``, the threefry key's words.
+    key_data: uint32 ``(2,)``, the key's words.
     m: 2 (1:2) or 4 (2:4); ``method``: ``"mvue"`` or ``"mvue_approx"`` (2:4).
     axis: non-negative axis of the groups.
 
   Returns:
     The pruned array, shape and dtype of ``x``; the arithmetic runs in float32.
   """
-  view, per_slice = _view(x.shape, axis, m)
-  paired = DRAWS[method, m // 2, m] == 1 and per_slice % 2 == 0
-  if paired:  # two groups per view row (see the module docstring)
-    view = (view[0] // 2, 2 * m, view[2])
-  rows, width, cols = view
-  block_cols = min(pl.next_power_of_2(cols), 256)
-  block_rows = min(pl.next_power_of_2(rows),
-                   max(1, tuning.groups_per_program // (block_cols * (2 if paired else 1))))
-  kernel = functools.partial(_mask_kernel, method=method, m=m, rows=rows, cols=cols,
-                             per_slice=per_slice, paired=paired)
-  block = pl.BlockSpec((block_rows, width, block_cols), lambda i, j: (i, 0, j))
+  view = _view(x.shape, axis, m)
+  rows, _, cols = view
+  block_cols = min(pl.next_power_of_2(cols), tuning.block_cols)
+  block_rows = min(pl.next_power_of_2(rows), max(1, tuning.groups_per_program // block_cols))
+  kernel = functools.partial(_mask_kernel, method=method, rows=rows, cols=cols)
+  block = pl.BlockSpec((block_rows, m, block_cols), lambda i, j: (i, 0, j))
   out_shape, operands = kernel_out_shape((key_data, x.reshape(view)), view, x.dtype)
   out = pl.pallas_call(
       kernel,
@@ -158,9 +140,9 @@ def _dw_kernel(key_ref, x_ref, g_ref, dw_ref, *, method: str, groups: int, ins: 
     start = s * block_groups
     rows = start + jnp.arange(block_groups)[:, None]  # token group numbers along axis 0
     row_ok = rows < groups
-    # Pruned along tokens (axis 0 of (T, out)): group (a', q) is number q * T/m + a'.
-    u = _uniforms(key_ref, cols_out[None, :].astype(jnp.uint32) * groups + rows.astype(jnp.uint32),
-                  draws)
+    # Pruned along tokens (axis 0 of (T, out)): group (a', q) is number a' * out + q.
+    u = _uniforms(key_ref, rows.astype(jnp.uint32) * np.uint32(outs)
+                  + cols_out[None, :].astype(jnp.uint32), draws)
     tile = pl.ds(start, block_groups)
     g = [plgpu.load(g_ref.at[tile, np.int32(j), pl.ds(out_start, block_out)],
                     mask=row_ok & out_ok[None, :], other=0).astype(jnp.float32)

@@ -63,18 +63,30 @@ def test_kernel_benchmark_checks_times_and_writes_section(tmp_path, monkeypatch)
   assert lines[0] == kernels.CSV_HEADER and len(lines) == len(rows) + 1
   assert lines[1].startswith("cpu,") and ",300,0,bf16,dense," in lines[1]
 
-  nm_rows = kernels.run_nm(16, 8, 12, jnp.float32, repeats=1)
-  assert {r.pruning for r in nm_rows} == {"1:2 mvue", "2:4 mvue", "2:4 mvue_approx"}
-  assert all(r.ms > 0 for r in nm_rows if "xla" in r.path)
-  section = kernels.render_section(rows, 10.0, "python benchmarks/kernels.py", nm_rows,
-                                   (16, 8, 12, "float32"), rate=rate, matmul_size=64,
-                                   batch=8, in_features=32)
+  section = kernels.render_section(rows, 10.0, "python benchmarks/kernels.py", rate=rate,
+                                   matmul_size=64, batch=8, in_features=32)
   path = tmp_path / "BENCHMARKS.md"
   kernels.write_section(path, section)
   kernels.write_section(path, section)
   text = path.read_text()
-  assert text.count(kernels.START_MARKER) == 1 and "| 2:4 mvue | mask: xla |" in text
+  assert text.count(kernels.START_MARKER) == 1
   assert "of FLOP floor" in text and "bf16 matmul rate" in text
+
+
+def test_mvue_cost_times_masks_next_to_the_gemm_and_writes_section(tmp_path):
+  from benchmarks import mvue_cost
+  rows = mvue_cost.run(16, 8, 12, jnp.float32, repeats=1)
+  assert {r.pruning for r in rows} == {"none", "1:2 mvue", "2:4 mvue", "2:4 mvue_approx"}
+  assert [r.path for r in rows[:2]] == ["dW GEMM: X^T dY", "dX GEMM: dY W"]
+  assert all(r.ms > 0 for r in rows)
+  section = mvue_cost.render_section(rows, 10.0, 1e9, "python benchmarks/mvue_cost.py",
+                                     (16, 8, 12, jnp.float32))
+  path = tmp_path / "BENCHMARKS.md"
+  mvue_cost.write_section(path, section)
+  mvue_cost.write_section(path, section)
+  text = path.read_text()
+  assert text.count(mvue_cost.START_MARKER) == 1 and "| 2:4 mvue | mask: xla |" in text
+  assert "| none | dW GEMM: X^T dY |" in text and "| 1.00x |" in text
 
 
 def test_torch_peer_without_torch_and_its_rows(tmp_path):

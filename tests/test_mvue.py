@@ -11,6 +11,7 @@ from scipy import stats
 
 import sparsejax as sj
 from sparsejax.mvue import group_uniforms, prune_groups
+from sparsejax.nm import from_groups, to_groups
 from _reference import approx_probabilities, mvue_probabilities, z_scores
 
 # Groups with zeros, ties, one dominant entry, negatives, tiny and huge values.
@@ -164,11 +165,16 @@ def test_groups_draw_independent_uniforms_along_any_axis():
   assert abs(first.mean() - 0.5) < 0.02
   corr = np.corrcoef(first.T)[np.triu_indices(groups, 1)]
   assert np.abs(corr).max() < 5 / np.sqrt(draws)
-  # Grouping along axis 0 prunes the transpose exactly like axis -1 prunes the array.
-  y = jax.random.normal(jax.random.key(1), (8, 12))
-  a = sj.nm_prune(y, key=jax.random.key(3), n=2, m=4, method="mvue", axis=-1)
-  b = sj.nm_prune(y.T, key=jax.random.key(3), n=2, m=4, method="mvue", axis=0)
-  np.testing.assert_array_equal(a, b.T)
+  # Along any axis, group (p, a', q) of the (P, A, Q) view takes the uniform of group
+  # number (p A/m + a') Q + q: memory order, one multiply-add in a kernel tile.
+  y = jax.random.normal(jax.random.key(1), (3, 8, 5))
+  key = jax.random.key(3)
+  u = np.asarray(group_uniforms(3 * 2 * 5, 1, key=key)).reshape(3, 2, 5)  # (p, a', q)
+  groups = to_groups(y, 4, 1)  # (p, q, a', 4)
+  expected = from_groups(prune_groups(groups, jnp.asarray(u.transpose(0, 2, 1))[..., None], n=2,
+                                      method="mvue"), 1)
+  np.testing.assert_array_equal(sj.nm_prune(y, key=key, n=2, m=4, method="mvue", axis=1),
+                                expected)
 
 
 def test_uniforms_are_a_function_of_key_and_group_index_only():
@@ -179,17 +185,42 @@ def test_uniforms_are_a_function_of_key_and_group_index_only():
   assert abs(np.corrcoef(np.asarray(u).T)[0, 1]) < 0.15
 
 
-def test_single_draw_groups_share_a_cipher_block_in_pairs():
-  # Groups 2c and 2c + 1 take words 0 and 1 of threefry2x32(key, (c, 0)); the last
-  # (odd-count) group takes word 0 of its block.
-  from jax.extend.random import threefry_2x32
+def test_group_words_are_the_keyed_hash_of_the_group_number():
+  # One word per group: hash(g); two: hash(2g), hash(2g + 1); the hash is
+  # mix(mix(c + k0) ^ k1) with the lowbias32 finalizer, written out here in numpy.
+  def mix(x):
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
   key = jax.random.key(11)
-  u = np.asarray(group_uniforms(7, 1, key=key))[:, 0]
-  words = np.asarray(threefry_2x32(jax.random.key_data(key),
-                                   jnp.concatenate([jnp.arange(4, dtype=jnp.uint32),
-                                                    jnp.zeros(4, jnp.uint32)])))
-  expected = np.stack([words[:4], words[4:]], axis=1).reshape(-1)[:7] >> 9
-  np.testing.assert_array_equal(u, expected.astype(np.float32) * np.float32(2.0**-23))
+  k0, k1 = np.asarray(jax.random.key_data(key))
+  g = np.arange(7, dtype=np.uint32)
+  word = lambda c: mix(mix(c + k0) ^ k1)
+  to_u = lambda w: (w >> np.uint32(9)).astype(np.float32) * np.float32(2.0**-23)
+  np.testing.assert_array_equal(group_uniforms(7, 1, key=key)[:, 0], to_u(word(g)))
+  np.testing.assert_array_equal(group_uniforms(7, 2, key=key),
+                                np.stack([to_u(word(2 * g)), to_u(word(2 * g + 1))], axis=1))
+
+
+def test_hashed_uniforms_look_independent():
+  # The hash's mixing is all the variance formula relies on: neighbouring groups, the two
+  # draws of a group and the same group under consecutive keys must be uncorrelated, and
+  # the words' low and high bytes uniform. Identity-like hashes fail every one of these.
+  n = 1 << 16
+  u = np.asarray(group_uniforms(n, 2, key=jax.random.key(4)), np.float64)
+  bound = 5 / np.sqrt(n)
+  assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < bound
+  assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < bound
+  keys = jax.random.split(jax.random.key(0), 2)
+  a, b = (np.asarray(group_uniforms(n, 1, key=k))[:, 0] for k in keys)
+  assert abs(np.corrcoef(a, b)[0, 1]) < bound
+  words = (u[:, 0] * 2**23).astype(np.int64)
+  for byte in (words & 255, (words >> 15) & 255):
+    counts = np.bincount(byte, minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-4
 
 
 def test_greedy_keeps_the_largest_unscaled():
@@ -363,14 +394,3 @@ def test_nnx_modules_fresh_key_every_step_same_seed_same_run(weight_grad_only):
                      axis="batch", rngs=nnx.Rngs(0))
 
 
-def test_threefry_words_are_jax_threefry():
-  from jax.extend.random import threefry_2x32
-
-  from sparsejax.kernels import threefry
-  rng = np.random.default_rng()
-  key = rng.integers(0, 2**32, 2, dtype=np.uint32)
-  counters = rng.integers(0, 2**32, (2, 1000), dtype=np.uint32)
-  words = threefry.threefry_words((key[0], key[1]), jnp.asarray(counters[0]),
-                                  jnp.asarray(counters[1]))
-  expected = threefry_2x32(jnp.asarray(key), jnp.asarray(counters.reshape(-1)))
-  np.testing.assert_array_equal(np.concatenate(words), expected, err_msg=str(key))

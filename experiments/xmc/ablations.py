@@ -51,6 +51,12 @@ ROWS = {
     "sparse_rigl_lr_x4": dict(density="1/8", embed_dim=128, regrowth="rigl", classifier_lr=4e-2),
     "sparse_wide512_rigl_lr_x4": dict(density="1/8", embed_dim=512, regrowth="rigl",
                                       classifier_lr=4e-2),
+    # The three methods together (docs/xmc/ALL_THREE.md): MVUE-pruned encoder gradients,
+    # the fixed fan-in classifier under SET, SμPar's classifier init and LR; each alone too.
+    "sparse_wide512_mvue": dict(density="1/8", embed_dim=512, grad_prune="mvue:1:2"),
+    "sparse_wide512_supar": dict(density="1/8", embed_dim=512, supar=True),
+    "sparse_wide512_all3": dict(density="1/8", embed_dim=512, grad_prune="mvue:1:2", supar=True),
+    "dense_wide512_mvue": dict(fan_in=0, embed_dim=512, grad_prune="mvue:1:2"),
 }
 
 

@@ -78,8 +78,8 @@ from sparsejax.xmc import (LOSSES, METRIC_NAMES, Layout, XMCModel, aux_weight_at
                            checkpoint_manager, format_table, initial_classifier_bias,
                            inverse_propensity, label_clusters, make_optimizer, make_train_steps,
                            predict_dataset, put, resolve_compute_dtype, resolve_label_chunk,
-                           restore, rigl_num_candidates, save, saved_config, score, to_host,
-                           write_predictions)
+                           restore, rigl_num_candidates, save, saved_config, score,
+                           supar_classifier, to_host, write_predictions)
 
 __all__ = ["Config", "TrainingDiverged", "check_config", "read_config", "load_data", "build", "run",
            "define_flags", "main"]
@@ -90,6 +90,9 @@ __all__ = ["Config", "TrainingDiverged", "check_config", "read_config", "load_da
 _RESUMABLE = {"eval_every", "eval_batch_size", "predict_k", "propensity_a", "propensity_b",
               "checkpoint_every", "step_log", "mesh", "output_dir"}
 _field = config_flags.field
+
+
+GRAD_PRUNE = ("", "mvue:1:2", "mvue:2:4", "mvue_approx:2:4", "greedy:1:2", "greedy:2:4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,12 @@ class Config:
                               "or 'auto' (bfloat16 on GPU, float32 on CPU); weights, Adam "
                               "state and loss stay float32",
                               choices=("auto", "float32", "bfloat16"))
+  grad_prune: str = _field("", "N:M-prune the neural gradient dY of the encoder's MLP layers "
+                           "for their weight gradient, along the batch (Chmiel et al. 2023): "
+                           "'' (off) or method:n:m", choices=GRAD_PRUNE)
+  supar: bool = _field(False, "SμPar for the fixed fan-in classifier, a hidden layer of density "
+                       "K/in against the dense classifier of the same width: its values drawn "
+                       "with SμPar's std, its learning rate times in/K")
 
   # The auxiliary cluster objective.
   aux: bool = _field(False, "auxiliary objective: BCE of a head over label clusters")
@@ -302,6 +311,16 @@ def check_config(config: Config) -> None:
     raise ConfigError("--regrowth=rigl rewires the fixed fan-in classifier: it needs "
                       f"--fan_in > 0 and --set_interval > 0 (got {config.fan_in}, "
                       f"{config.set_interval})")
+  if config.supar and not config.fan_in:
+    raise ConfigError("--supar scales the fixed fan-in classifier: it needs --fan_in > 0")
+  if config.grad_prune:
+    if not config.hidden_layers:
+      raise ConfigError(f"--grad_prune={config.grad_prune} prunes the MLP layers' gradients: "
+                        "it needs --hidden_layers > 0")
+    m = int(config.grad_prune.split(":")[2])
+    if config.batch_size % m:
+      raise ConfigError(f"--grad_prune={config.grad_prune} prunes along the batch in groups of "
+                        f"{m}: --batch_size={config.batch_size} must be a multiple of {m}")
   if not config.output_dir:
     raise ConfigError("--output_dir must not be empty")
 
@@ -342,15 +361,18 @@ def build(config: Config, num_features: int, num_labels: int, total_steps: int, 
   model = XMCModel(num_features=num_features, num_labels=num_labels,
                    embed_dim=config.encoder_width, hidden_layers=config.hidden_layers,
                    intermediate=config.intermediate, fan_in=config.fan_in,
-                   num_clusters=config.num_clusters(num_labels),
+                   num_clusters=config.num_clusters(num_labels), grad_prune=config.grad_prune,
                    classifier_bias=initial_classifier_bias(config.loss, num_labels),
                    rngs=nnx.Rngs(model_key))
+  classifier_lr = config.classifier_lr
+  if config.supar:
+    classifier_lr *= supar_classifier(model, key=jax.random.fold_in(model_key, 1))
   if layout is not None:
     # Padded after the init, so that the real labels start as on one device.
     model.pad_labels(layout.num_padded)
   optimizer = make_optimizer(
       model, total_steps=total_steps, encoder_lr=config.encoder_lr,
-      classifier_lr=config.classifier_lr, warmup_steps=config.warmup_steps,
+      classifier_lr=classifier_lr, warmup_steps=config.warmup_steps,
       set_interval=config.set_interval, set_fraction=config.set_fraction,
       set_end_step=config.set_end_step(total_steps), regrowth=config.regrowth, key=set_key,
       layout=layout)

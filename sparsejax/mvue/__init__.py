@@ -15,7 +15,7 @@ and rescale them by their inclusion probability, so that ``E[pruned] = dY``
 
 The elementwise pieces that the Pallas kernels (``sparsejax.kernels.nm``) run
 too, so that both paths give the same bits, are on the kernels side:
-``sparsejax.kernels.threefry`` (the random map) and
+``sparsejax.kernels.counter_hash`` (the random map) and
 ``sparsejax.kernels.mvue_columns`` (the estimators on one group's entries).
 Weight-side N:M masks (greedy, static) are ``sparsejax.nm``.
 """

@@ -20,15 +20,16 @@ them so that ``E[out] = x``:
   higher variance.
 * ``"greedy"``: keep the ``n`` largest ``|x|`` unscaled (biased baseline).
 
-Randomness: groups are numbered in the order of ``x`` with the group axis moved
-last. A method with one uniform per group (1:2, 2:4 ``"mvue"``) gives groups
-``2 c`` and ``2 c + 1`` the two words of ``threefry2x32(key, (c, 0))``; one with
-two (``"mvue_approx"``) gives group ``g`` both words of ``threefry2x32(key, (g,
-0))``. One block of the cipher thus serves two uniforms, never fewer, and the
-result depends only on the key and the group's position, not on how the work is
-split, which lets a fused kernel reproduce it bit for bit: the map is
-``sparsejax.kernels.threefry``'s and the rule ``sparsejax.kernels.mvue_columns``'s,
-elementwise functions that the kernels run too.
+Randomness: group ``g`` takes its uniform(s) from ``hash_word(key, g)`` (two
+draws: counters ``2 g`` and ``2 g + 1``), a keyed bijective hash of a counter
+(``sparsejax.kernels.counter_hash``). Groups are numbered in memory order: with
+``x`` viewed as ``(P, A, Q)`` around the group axis (``A`` entries along it), the
+group of entries ``(p, m a' .. m a' + m - 1, q)`` is ``(p A / m + a') Q + q``. The
+result depends only on the key and each group's position, not on how the work
+is split, and the number is one multiply-add of a kernel tile's row and column,
+so the Pallas kernels reproduce it bit for bit: the map is
+``sparsejax.kernels.counter_hash``'s and the rule
+``sparsejax.kernels.mvue_columns``'s, elementwise functions that the kernels run too.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ import numpy as np
 
 from sparsejax import _checks
 from sparsejax.kernels.mvue_columns import DRAWS, keep_non_finite, prune_columns
-from sparsejax.kernels.threefry import group_words, uniform_from_word
+from sparsejax.kernels.counter_hash import group_words, uniform_from_word
 from sparsejax.nm import _check_nm, from_groups, keep_largest, to_groups
 
-__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_uniforms", "key_data"]
+__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_numbers", "group_uniforms",
+           "key_data"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
 
@@ -71,22 +73,52 @@ def key_data(key) -> jax.Array:
   return key
 
 
+def _check_group_count(num_groups: int, draws: int) -> None:
+  bits = 33 - draws  # with two draws, counters 2g and 2g + 1 stay below 2^32
+  if num_groups >= 2**bits:
+    raise ValueError(f"at most 2^{bits} - 1 groups per call with {draws} uniform(s) per "
+                     f"group, got {num_groups}")
+
+
+def _uniforms_of(groups: jax.Array, draws: int, key: jax.Array) -> jax.Array:
+  """float32 ``groups.shape + (draws,)``: the uniforms of the given group numbers."""
+  key = key_data(key)
+  words = group_words((key[0], key[1]), groups, draws)
+  return jnp.stack([uniform_from_word(w) for w in words], axis=-1)
+
+
 def group_uniforms(num_groups: int, draws: int, *, key: jax.Array) -> jax.Array:
-  """Uniforms in ``[0, 1)`` for each group, from ``group_words``.
+  """Uniforms in ``[0, 1)`` of groups ``0 .. G - 1``, from ``group_words``.
 
   Arguments:
-    key: a threefry2x32 PRNG key.
-    num_groups: number of groups ``G`` (< 2^32).
+    num_groups: number of groups ``G`` (below ``2^32``, ``2^31`` with two draws).
     draws: uniforms per group, 1 or 2.
+    key: a threefry2x32 PRNG key (its two words key the hash).
 
   Returns:
     float32 ``(G, draws)``, multiples of ``2^-23`` as in ``jax.random.uniform``.
   """
-  if num_groups >= 2**32:
-    raise ValueError(f"at most 2^32 - 1 groups per call, got {num_groups}")
-  key = key_data(key)
-  words = group_words((key[0], key[1]), jnp.arange(num_groups, dtype=jnp.uint32), draws)
-  return jnp.stack([uniform_from_word(w) for w in words], axis=-1)
+  _check_group_count(num_groups, draws)
+  return _uniforms_of(jnp.arange(num_groups, dtype=jnp.uint32), draws, key)
+
+
+def group_numbers(shape: tuple, m: int, axis: int) -> jax.Array:
+  """The memory-order number of every group, in the layout of ``to_groups(x, m, axis)``.
+
+  Arguments:
+    shape: the pruned array's shape; ``axis`` non-negative, ``shape[axis] % m == 0``.
+
+  Returns:
+    uint32 ``shape[:axis] + shape[axis + 1:] + (shape[axis] // m,)``: group ``(p, a',
+    q)`` of the ``(P, A, Q)`` view is ``(p A / m + a') Q + q``.
+  """
+  before, after = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+  per_slice = shape[axis] // m
+  p = jnp.arange(before, dtype=jnp.uint32)[:, None, None]
+  q = jnp.arange(after, dtype=jnp.uint32)[None, :, None]
+  a = jnp.arange(per_slice, dtype=jnp.uint32)[None, None, :]
+  numbers = (p * np.uint32(per_slice) + a) * np.uint32(after) + q
+  return numbers.reshape(*shape[:axis], *shape[axis + 1:], per_slice)
 
 
 def nm_prune(x: jax.Array, *, key: jax.Array | None = None, n: int, m: int, method: str,
@@ -119,8 +151,10 @@ def nm_prune(x: jax.Array, *, key: jax.Array | None = None, n: int, m: int, meth
     pruned = jnp.where(keep_largest(jnp.abs(groups), n), groups, jnp.zeros((), groups.dtype))
     out = jnp.stack(keep_non_finite(_columns(groups), _columns(pruned)), axis=-1)
   else:
-    uniforms = group_uniforms(int(np.prod(groups.shape[:-1])), DRAWS[method, n, m], key=key)
-    out = prune_groups(groups, uniforms.reshape(*groups.shape[:-1], -1), n=n, method=method)
+    draws = DRAWS[method, n, m]
+    _check_group_count(int(np.prod(groups.shape[:-1])), draws)
+    uniforms = _uniforms_of(group_numbers(jnp.shape(x), m, axis), draws, key)
+    out = prune_groups(groups, uniforms, n=n, method=method)
   return from_groups(out, axis)
 
 

@@ -32,18 +32,25 @@ class PrunedGrad(nnx.Module):
     axis: with ``weight_grad_only=False``: ``"tokens"`` (all leading axes
       flattened) or ``"features"`` (the last axis, the contraction axis of
       ``dX = dY W^T``).
+    deterministic: True (``model.eval()`` sets it; ``model.train()`` clears it): the
+      layer alone, no key drawn, nothing pruned. For inference, where there is no
+      backward pass, so any number of tokens goes.
     rngs: source of the keys.
   """
 
   def __init__(self, layer: nnx.Module, *, n: int, m: int, method: str,
-               weight_grad_only: bool = True, axis: str = "tokens", rngs: nnx.Rngs):
+               weight_grad_only: bool = True, axis: str = "tokens", deterministic: bool = False,
+               rngs: nnx.Rngs):
     if axis not in ("tokens", "features"):
       raise ValueError(f"axis must be 'tokens' or 'features', got {axis!r}")
     self.layer, self.rngs = layer, rngs
     self.n, self.m, self.method = n, m, method
     self.weight_grad_only, self.axis = weight_grad_only, axis
+    self.deterministic = deterministic
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic:
+      return self.layer(x)
     key = None if self.method == "greedy" else self.rngs.grad_prune()
     prune = dict(n=self.n, m=self.m, method=self.method)
     if self.weight_grad_only:

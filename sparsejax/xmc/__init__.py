@@ -24,7 +24,7 @@ from sparsejax.xmc.label_chunks import (LOSSES, check_label_ids, chunked_loss,
 from sparsejax.xmc.layout import Layout, put, to_host
 from sparsejax.xmc.predictions import read_predictions, write_predictions
 from sparsejax.xmc.metrics import RankingMetrics, format_table, inverse_propensity, ranking_metrics
-from sparsejax.xmc.model import CLASSIFIER, XMCModel, in_classifier
+from sparsejax.xmc.model import CLASSIFIER, XMCModel, in_classifier, supar_classifier
 from sparsejax.xmc.sharded import (mesh_from_spec, pad_labels, padded_num_labels,
                                    sharded_chunked_loss, sharded_chunked_loss_and_candidates,
                                    sharded_chunked_topk)
@@ -81,6 +81,7 @@ __all__ = [
     "sharded_chunked_loss",
     "sharded_chunked_loss_and_candidates",
     "sharded_chunked_topk",
+    "supar_classifier",
     "to_host",
     "write_predictions",
 ]

@@ -73,9 +73,27 @@ def checkpoint_manager(output_dir) -> ocp.CheckpointManager:
                      "meta": ocp.JsonCheckpointHandler()})
 
 
+def _is_key(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def _pure(state) -> dict:
+  """``nnx.to_pure_dict(state)`` with PRNG keys (a ``PrunedGrad``'s stream) as their uint32 data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
+                      nnx.to_pure_dict(state))
+
+
+def _replace(state, saved: dict) -> None:
+  """Fills ``state`` (in place) from a ``_pure`` dict, wrapping key data back into keys."""
+  like = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, jax.tree.map(
+      lambda x, old: jax.random.wrap_key_data(x, impl=jax.random.key_impl(old))
+      if _is_key(old) else x, saved, like))
+
+
 def _checkpoint(model_state, opt_state, step: int, epoch_sums: np.ndarray) -> dict:
   """What a checkpoint's ``state`` holds: both states, the step and the running epoch sums."""
-  return {"model": nnx.to_pure_dict(model_state), "optimizer": nnx.to_pure_dict(opt_state),
+  return {"model": _pure(model_state), "optimizer": _pure(opt_state),
           "step": np.asarray(step, np.int64), "epoch_sums": np.asarray(epoch_sums, np.float64)}
 
 
@@ -272,8 +290,8 @@ def _restore_state(manager, step: int, model_state, opt_state,
                       expected)
   saved = jax.tree_util.tree_map_with_path(
       lambda path, x: _fit_rows(x, *padding[path]) if path in padding else x, saved)
-  nnx.replace_by_pure_dict(model_state, saved["model"])
-  nnx.replace_by_pure_dict(opt_state, saved["optimizer"])
+  _replace(model_state, saved["model"])
+  _replace(opt_state, saved["optimizer"])
   return int(saved["step"]), np.array(saved["epoch_sums"], np.float64)  # a writable copy
 
 

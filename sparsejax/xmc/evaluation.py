@@ -39,6 +39,7 @@ def _predict(model_def, model_state, batch, *, k, label_chunk, layout=None,
              compute_dtype=jnp.dtype(jnp.float32)):
   """``((B, k) float32 scores, (B, k) int32 ids)`` of the best labels of each point, best first."""
   model = nnx.merge(model_def, model_state)
+  model.eval()  # inference: PrunedGrad layers skip their (backward-only) pruning
   z = model.encode(batch["feature_ids"], batch["feature_values"], batch["feature_mask"])
   h = model.classifier_input(z).astype(compute_dtype)
   if layout is None:

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax import supar
+from sparsejax.mvue import PrunedGrad
 from sparsejax.nn import EmbeddingBag, FixedFanInLinear
 from sparsejax.xmc.classifier import LabelMajorLinear, dense_logits, fixed_fanin_logits
 from sparsejax.xmc.sharded import pad_labels
 
-__all__ = ["CLASSIFIER", "XMCModel", "in_classifier"]
+__all__ = ["CLASSIFIER", "XMCModel", "in_classifier", "supar_classifier"]
 
 # The attribute of ``XMCModel`` that holds the classifier: the first key of its
 # state paths, its SET layer name and its optimizer param group. The label-sharded
@@ -60,6 +62,12 @@ class XMCModel(nnx.Module):
       or 0 for none.
     fan_in: ``K`` of the fixed fan-in classifier, or 0 for the dense baseline.
     num_clusters: outputs of the auxiliary cluster head, or 0 for no head.
+    grad_prune: ``""``, or ``"method:n:m"`` (``"mvue:1:2"``, ``"mvue:2:4"``,
+      ``"mvue_approx:2:4"``, ``"greedy:n:m"``): each ``mlp`` layer is wrapped in
+      ``PrunedGrad`` so that its weight gradient uses dY N:M-pruned along the
+      batch (``sparsejax.mvue``; the input keeps the dense gradient). Its keys
+      come from ``rngs.params()`` drawn after every initialisation, so the
+      initial weights are those of the unpruned model.
     classifier_bias: initial bias of every label. Almost every label is a
       negative for almost every point, so starting all scores at the negative
       optimum (``-1`` for squared hinge, about ``-log L`` for BCE; see
@@ -69,13 +77,14 @@ class XMCModel(nnx.Module):
     rngs: parameter initialisation (``rngs.params()``).
 
   Attributes:
-    bag, mlp (list of ``(embed_dim, embed_dim)`` ``nnx.Linear``), intermediate (or
+    bag, mlp (list of ``(embed_dim, embed_dim)`` ``nnx.Linear``, each in a ``PrunedGrad``
+    with ``grad_prune``), intermediate (or
     None), classifier (``FixedFanInLinear`` or ``LabelMajorLinear``), aux_head (or None).
   """
 
   def __init__(self, *, num_features: int, num_labels: int, embed_dim: int, hidden_layers: int,
-               intermediate: int, fan_in: int, num_clusters: int, classifier_bias: float = 0.0,
-               rngs: nnx.Rngs):
+               intermediate: int, fan_in: int, num_clusters: int, grad_prune: str = "",
+               classifier_bias: float = 0.0, rngs: nnx.Rngs):
     self.bag = EmbeddingBag(num_features, embed_dim, rngs=rngs)
     self.mlp = nnx.List([nnx.Linear(embed_dim, embed_dim, rngs=rngs)
                          for _ in range(hidden_layers)])
@@ -88,6 +97,13 @@ class XMCModel(nnx.Module):
     self.aux_head = (nnx.Linear(embed_dim, num_clusters, rngs=rngs,
                                 bias_init=nnx.initializers.constant(-math.log(num_clusters)))
                      if num_clusters else None)
+    if grad_prune:
+      method, n, m = grad_prune.split(":")
+      key = rngs.params()
+      self.mlp = nnx.List([
+          PrunedGrad(layer, n=int(n), m=int(m), method=method,
+                     rngs=nnx.Rngs(grad_prune=jax.random.fold_in(key, i)))
+          for i, layer in enumerate(self.mlp)])
 
   @property
   def sparse(self) -> bool:
@@ -140,3 +156,33 @@ class XMCModel(nnx.Module):
     total = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
     return {"total": int(total - sum(x.size - unpadded(x) for x in classifier)),
             "classifier": int(sum(unpadded(x) for x in classifier))}
+
+
+def supar_classifier(model: XMCModel, *, key: jax.Array) -> float:
+  """SμPar for a fixed fan-in classifier: redraws its values, returns its LR multiplier.
+
+  The classifier is a hidden layer of density ``rho = K / in`` (``sparsejax.supar``)
+  against the dense classifier of the same width (``m_d = 1``), whose init std is
+  ``1 / sqrt(3 in)`` (uniform on ``+-1 / sqrt(in)``): the values are redrawn normal
+  with std ``1 / sqrt(3 in rho) = 1 / sqrt(3 K)`` and the classifier's Adam learning
+  rate is to be multiplied by ``1 / rho = in / K``. (The fixed fan-in init already has
+  that variance: SμPar's change here is the learning rate.) Call it before
+  ``XMCModel.pad_labels``.
+
+  Arguments:
+    model: an ``XMCModel`` with a fixed fan-in classifier (changed in place).
+    key: the values' draw.
+
+  Returns:
+    The classifier's learning-rate multiplier ``in / K``.
+  """
+  if not model.sparse:
+    raise ValueError("SμPar scales a sparse classifier; this model's classifier is dense")
+  c = model.classifier
+  parameterization = supar.SuPar("supar", width=c.in_features, base_width=c.in_features,
+                                 init_std=1 / math.sqrt(3 * c.in_features))
+  spec = supar.ParamSpec("hidden", density=c.fan_in / c.in_features)
+  values = c.values[...]
+  c.values[...] = (parameterization.init_std_of(spec)
+                   * jax.random.normal(key, values.shape, jnp.float32)).astype(values.dtype)
+  return parameterization.lr_multiplier(spec)
