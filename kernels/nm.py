@@ -61,8 +61,11 @@ class DwTuning(NamedTuple):
   splits: int = 1
 
 
-# The fastest of ``python benchmarks/kernels.py --nm_sweep`` on an H100 (BENCHMARKS.md).
-MASK_TUNING = MaskTuning(groups_per_program=1024, num_warps=8, num_stages=2)
+# Per group size m, the fastest of ``python benchmarks/mvue_cost.py --sweep`` on an H100
+# (2026-12-06, docs/mvue_grad/h100-2026-12-06/mvue_cost.txt).
+MASK_TUNING = {2: MaskTuning(groups_per_program=1024, block_cols=256, num_warps=4, num_stages=1),
+               4: MaskTuning(groups_per_program=1024, block_cols=512, num_warps=4, num_stages=1)}
+# The fastest of the fused-kernel sweep of issue 9 on an H100 (BENCHMARKS.md).
 DW_TUNING = DwTuning(block_in=256, block_out=64, block_groups=16, num_warps=4, num_stages=2,
                      splits=8)
 
@@ -93,7 +96,7 @@ def _mask_kernel(key_ref, x_ref, out_ref, *, method: str, rows: int, cols: int):
 
 @functools.partial(jax.jit, static_argnames=("m", "method", "axis", "interpret", "tuning"))
 def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: bool = False,
-                    tuning: MaskTuning = MASK_TUNING):
+                    tuning: MaskTuning | None = None):
   """MVUE N:M pruning of ``x`` along ``axis``, bit-equal to ``sparsejax.nm_prune``.
 
   Arguments:
@@ -101,10 +104,12 @@ def nm_prune_kernel(x, key_data, *, m: int, method: str, axis: int, interpret: b
     key_data: uint32 ``(2,)``, the key's words.
     m: 2 (1:2) or 4 (2:4); ``method``: ``"mvue"`` or ``"mvue_approx"`` (2:4).
     axis: non-negative axis of the groups.
+    tuning: launch settings (default ``MASK_TUNING[m]``).
 
   Returns:
     The pruned array, shape and dtype of ``x``; the arithmetic runs in float32.
   """
+  tuning = tuning or MASK_TUNING[m]
   view = _view(x.shape, axis, m)
   rows, _, cols = view
   block_cols = min(pl.next_power_of_2(cols), tuning.block_cols)
