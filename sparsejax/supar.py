@@ -35,7 +35,9 @@ Pieces:
 * ``initialize``: redraws the weights with the per-role init std.
 * ``scale_by_supar``: the optax transform applying the LR multipliers (and
   weight decay with either coupling).
-* ``coord_check``: the coordinate check, mean |activation| per layer and step.
+* ``coord_check``: the coordinate check, mean |activation| per layer and step
+  (``coord_check_optimizer`` its optimizer); ``coord_check_ratios`` and
+  ``coord_check_drift`` compare settings with a reference.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from sparsejax.masked import MaskedDense
 from sparsejax.topology import static_topology
 
 __all__ = ["ROLES", "PARAMETERIZATIONS", "ParamSpec", "SuPar", "infer_specs", "initialize",
-           "scale_by_supar", "CoordCheckModel", "coord_check", "coord_check_drift"]
+           "scale_by_supar", "CoordCheckModel", "coord_check", "coord_check_optimizer",
+           "coord_check_ratios", "coord_check_drift"]
 
 ROLES = ("embedding", "hidden", "output", "vector")
 PARAMETERIZATIONS = ("sp", "mup", "supar")
@@ -382,8 +385,9 @@ def coord_check(build: Callable[..., CoordCheckModel], batch, *, base: SuPar,
   ``steps`` optimizer steps on the fixed ``batch`` with the base learning
   rate scaled by ``scale_by_supar``, and records each layer's mean
   ``|activation|`` before the first step (``step=0``) and after each step. Under
-  SμPar every layer's curve should not move with density or width; under SP
-  and μP activations shrink as density falls.
+  SμPar every layer's curve should not move with density or width where each
+  output reads many inputs (``rho d`` >~ 16; see ``coord_check_drift``); under
+  SP and μP activations shrink as density falls.
 
   Arguments:
     build: ``build(parameterization: SuPar, density, *, key) -> CoordCheckModel``.
@@ -406,7 +410,6 @@ def coord_check(build: Callable[..., CoordCheckModel], batch, *, base: SuPar,
   if steps < 0 or seeds < 1:
     raise ValueError(f"need steps >= 0 and seeds >= 1, got steps={steps}, seeds={seeds}")
   _checks.check_key(key)
-  scale = optax.scale_by_adam() if optimizer == "adam" else optax.identity()
   rows = []
   for name in parameterizations:
     for width in widths or (base.width,):
@@ -414,12 +417,30 @@ def coord_check(build: Callable[..., CoordCheckModel], batch, *, base: SuPar,
       for density in densities:
         for seed in range(seeds):
           model = build(p, density, key=jax.random.fold_in(key, seed))
-          tx = static_topology(optax.chain(
-              scale, scale_by_supar(model.specs, p, optimizer=optimizer),
-              optax.scale(-learning_rate)))
+          tx = coord_check_optimizer(model.specs, p, learning_rate=learning_rate,
+                                     optimizer=optimizer)
           rows += _coord_run(model, tx, batch, steps, dict(
               parameterization=name, width=width, density=density, seed=seed))
   return rows
+
+
+def coord_check_optimizer(specs, parameterization: SuPar, *, learning_rate: float,
+                          optimizer: str = "adam") -> optax.GradientTransformation:
+  """The optimizer of ``coord_check``: Adam (or plain SGD), ``scale_by_supar``, ``-learning_rate``.
+
+  Arguments:
+    specs: ``{name: ParamSpec}`` of the model's parameters.
+    parameterization: the ``SuPar`` giving the LR multipliers.
+    learning_rate: base learning rate.
+    optimizer: ``"adam"`` or ``"sgd"``.
+
+  Returns:
+    The transform, wrapped in ``static_topology`` (sparse-layer indices pass through).
+  """
+  scale = optax.scale_by_adam() if optimizer == "adam" else optax.identity()
+  return static_topology(optax.chain(
+      scale, scale_by_supar(specs, parameterization, optimizer=optimizer),
+      optax.scale(-learning_rate)))
 
 
 def _coord_run(model: CoordCheckModel, tx, batch, steps: int, labels: dict) -> list[dict]:
@@ -440,6 +461,35 @@ def _coord_run(model: CoordCheckModel, tx, batch, steps: int, labels: dict) -> l
   return rows
 
 
+def coord_check_ratios(rows: Sequence[dict], *, width: int, density: float,
+                       steps: Sequence[int] = (1, 2, 3)) -> list[dict]:
+  """Every setting's seed-averaged mean |activation| over the reference's, per layer and step.
+
+  Arguments:
+    rows: ``coord_check`` rows.
+    width, density: the reference setting.
+    steps: the steps compared.
+
+  Returns:
+    Rows ``{"parameterization", "layer", "step", "width", "density", "ratio"}``,
+    one per setting (the reference's own included, ratio 1).
+  """
+  table = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in rows:
+    if r["step"] in steps:
+      key = (r["parameterization"], r["layer"], r["step"])
+      table[key][(r["width"], r["density"])].append(r["mean_abs"])
+  ratios = []
+  for (name, layer, step), by_setting in table.items():
+    if (width, density) not in by_setting:
+      raise ValueError(f"no reference run at width={width}, density={density} "
+                       f"for {name} {layer} step {step}")
+    reference = sum(by_setting[width, density]) / len(by_setting[width, density])
+    ratios += [dict(parameterization=name, layer=layer, step=step, width=w, density=d,
+                    ratio=(sum(values) / len(values)) / reference)
+               for (w, d), values in by_setting.items()]
+  return ratios
+
 
 def coord_check_drift(rows: Sequence[dict], *, width: int, density: float,
                       steps: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
@@ -448,23 +498,16 @@ def coord_check_drift(rows: Sequence[dict], *, width: int, density: float,
   For each parameterization, over every layer, the given steps and every
   (width, density) setting, the seed-averaged mean |activation| is compared with
   that of the reference setting ``(width, density)`` at the same layer and
-  step; the worst ratio ``max(r, 1/r)`` is returned. SμPar's claim is < 1.2.
+  step (``coord_check_ratios``); the worst ratio ``max(r, 1/r)`` is returned.
+  SμPar's claim is < 1.2 where the fan-in ``rho d`` is large: its LR holds the
+  aligned part of an update fixed, while the rest grows as ``1/sqrt(rho d)``
+  (``docs/supar_coord_check/RESULTS.md``).
 
   Returns:
     ``{parameterization: worst ratio}``.
   """
-  table = collections.defaultdict(lambda: collections.defaultdict(list))
-  for r in rows:
-    if r["step"] in steps:
-      key = (r["parameterization"], r["layer"], r["step"])
-      table[key][(r["width"], r["density"])].append(r["mean_abs"])
-  worst = collections.defaultdict(lambda: 1.0)
-  for (name, layer, step), by_setting in table.items():
-    if (width, density) not in by_setting:
-      raise ValueError(f"no reference run at width={width}, density={density} "
-                       f"for {name} {layer} step {step}")
-    reference = sum(by_setting[width, density]) / len(by_setting[width, density])
-    for values in by_setting.values():
-      ratio = (sum(values) / len(values)) / reference
-      worst[name] = max(worst[name], ratio, 1 / ratio)
-  return dict(worst)
+  worst = {}
+  for r in coord_check_ratios(rows, width=width, density=density, steps=steps):
+    name = r["parameterization"]
+    worst[name] = max(worst.get(name, 1.0), r["ratio"], 1 / r["ratio"])
+  return worst

@@ -196,3 +196,34 @@ def test_coord_check_script_writes_csv_and_plot(tmp_path):
   coord_check.plot(rows, tmp_path / "c.png")
   assert (tmp_path / "c.csv").read_text().startswith("parameterization,width,density,seed,step")
   assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def _gpt(**kwargs):
+  """A one-block byte GPT coordinate check (``experiments/supar/sweep.py``'s model), CPU-small."""
+  return coord_check.Config(model="gpt", base_width=32, depth=1, heads=2, batch=8, context=32,
+                            layer="masked", seeds=1, steps=3, **kwargs)
+
+
+def test_gpt_coord_check_supar_stays_in_band_where_fan_in_is_large():
+  # Density 1/4 of width 128: every hidden output reads >= 32 inputs (docs/supar_coord_check).
+  rows = coord_check.run(_gpt(parameterizations=("supar",), widths=(128,), densities=(1, 0.25)))
+  assert {r["layer"] for r in rows} >= {"embed", "blocks/0/qkv", "blocks/0/out", "logits"}
+  worst = supar.coord_check_drift(rows, width=128, density=1)
+  assert worst["supar"] < 1.2, worst
+
+
+def test_gpt_first_update_supar_fixes_the_aligned_part_and_not_the_rest():
+  """Why the GPT's ratio leaves the band at fan-in 4 (width 64, density 1/16): the part of
+  ``x @ dW`` aligned with ``x`` is density-free under SμPar, the rest is ``C / sqrt(fan_in)``
+  and at fan-in 4 outweighs it (docs/supar_coord_check/RESULTS.md)."""
+  split = coord_check.gpt_update_split(_gpt(parameterizations=("supar",), widths=(64,),
+                                            densities=(1, 1 / 16)))
+  cell = {(r["density"], r["layer"]): r for r in split}
+  for layer in ("blocks/0/qkv", "blocks/0/fc", "blocks/0/out"):
+    dense, sparse = cell[1, layer], cell[1 / 16, layer]
+    # Without m_rho in the LR this ratio would be 1/16.
+    assert sparse["coherent_rms"] / dense["coherent_rms"] == pytest.approx(1, abs=0.25), layer
+    scaled = [r["incoherent_rms"] * math.sqrt(r["fan_in"]) for r in (dense, sparse)]
+    assert scaled[1] / scaled[0] == pytest.approx(1, abs=0.1), layer
+  fc = cell[1 / 16, "blocks/0/fc"]
+  assert fc["fan_in"] == 4 and fc["incoherent_rms"] > 2 * fc["coherent_rms"]

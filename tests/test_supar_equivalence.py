@@ -49,16 +49,17 @@ def _assert_trained(trajectory):
 
 
 def _lm_trajectory(name, config, data):
-  """The sweep's build_model, make_optimizer and _Trainer step; params after 0..3 steps."""
+  """The sweep's build_model, make_optimizer and training step; params after 0..3 steps."""
   p = sweep._parameterization(config, name, config.width, 4.0)
   model_key, data_key = sweep._seed_keys(config, 0)
   model, specs = sweep.build_model(config, p, 1.0, key=model_key)
   assert {s.density for s in specs.values()} == {1.0}
   graphdef, params, rest = sweep.split_model(model)
-  trainer = sweep._Trainer(graphdef, sweep.make_optimizer(specs, p, config), config)
-  state, out = trainer.tx.init(params), [params]
+  fns = sweep.run_fns(graphdef, sweep.make_optimizer(specs, p, config), config, steps=1)
+  train, state, out = jax.jit(fns.train), fns.init(params), [params]
   for t in range(_STEPS):
-    params, state, _ = trainer.step(params, state, rest, data, data_key, t, jnp.float32(0.05))
+    (params, state), _ = train(params, state, rest, data, data_key, jnp.float32(0.05),
+                               jnp.int32(t))
     out.append(params)
   return out
 

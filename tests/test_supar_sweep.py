@@ -1,17 +1,20 @@
 """The SμPar transfer sweep: the GPT's per-layer SμPar table, the analysis, and a tiny run."""
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import sparsejax as sj
 from experiments.common.byte_lm import ByteLM
-from experiments.supar import sweep
+from experiments.supar import groups, sweep
 from sparsejax._tree import path_name
+from sparsejax.data import stdlib_byte_corpus
 from sparsejax.supar import ParamSpec
 
 _TINY = sweep.Config(width=16, base_width=8, depth=1, heads=2, context=16, batch=4, steps=4,
@@ -117,11 +120,26 @@ def test_optimum_table_drift_and_gaps():
              in line for line in sweep.outcome_lines(table))
 
 
-def test_tiny_sweep_writes_csv_plots_and_tables(tmp_path):
-  result = sweep.run(_TINY, progress=False)
+def test_tiny_sweep_stops_at_its_time_budget_resumes_and_writes_csv_plots_and_tables(tmp_path):
+  # Nothing is timed before the first call (the proxy at alpha_in 1), so it runs; the
+  # second would pass the budget. The partial sweep renders from runs.csv.
+  partial = sweep.run(dataclasses.replace(_TINY, time_budget_s=1e-3), tmp_path, progress=False)
+  assert [(r["stage"], r["alpha_in"]) for r in partial.rows] == [("proxy", 1)]
+  assert sweep.pending_runs(_TINY, partial.rows, partial.alpha_in) == 1 + 6
+  text = sweep.write_outputs(sweep.load_result(tmp_path), _TINY, tmp_path, "cmd", None)
+  assert "**Partial**: 7 runs" in text and "No sweep runs yet" in text
+  assert "redrawn from runs.csv" in text and (tmp_path / "lr_sweep.png").stat().st_size > 10_000
+  with pytest.raises(ValueError, match="--steps"):
+    sweep.run(dataclasses.replace(_TINY, steps=5), tmp_path, progress=False)
+  first = (tmp_path / "runs.csv").read_text()
+
+  result = sweep.run(_TINY, tmp_path, progress=False)
+  assert (tmp_path / "runs.csv").read_text().startswith(first)  # appended, not retrained
+  assert result.rows[0] == partial.rows[0]
   proxy = [r for r in result.rows if r["stage"] == "proxy"]
   swept = [r for r in result.rows if r["stage"] == "sweep"]
-  assert [(r["alpha_in"], r["lr"]) for r in proxy] == [(1, 2.0**-6), (4, 2.0**-6)]
+  assert [(r["alpha_in"], r["lr"], r["lr_step"]) for r in proxy] == [(1, 2.0**-6, -6),
+                                                                     (4, 2.0**-6, -6)]
   assert result.base_lr == 2.0**-6 and result.alpha_in in (1, 4)
   assert {r["alpha_in"] for r in swept} == {result.alpha_in}
   assert len(swept) == 2 * 3  # parameterizations x LRs
@@ -139,3 +157,93 @@ def test_tiny_sweep_writes_csv_plots_and_tables(tmp_path):
   again = sweep.load_result(tmp_path)
   assert (again.base_lr, again.alpha_in) == (result.base_lr, result.alpha_in)
   assert again.rows == result.rows and len(again.coord_rows) == len(result.coord_rows)
+  assert sweep.pending_runs(_TINY, again.rows, again.alpha_in) == 0
+  assert sweep.run(dataclasses.replace(_TINY, coord_steps=0), tmp_path,
+                   progress=False).rows == result.rows  # nothing left to train
+
+
+# Width 32 at density 1/8: every hidden layer reads <= 8 K inputs, so the CPU takes the
+# fixed fan-in tile path, the one the GPU takes at every density.
+_VMAP = sweep.Config(width=32, base_width=8, depth=1, heads=2, context=16, batch=4, steps=6,
+                     warmup=2, layer="fixed_fanin", seeds=2, train_bytes=100_000,
+                     val_bytes=20_000, val_batches=2)
+
+
+def _alone(config, p, density, data, seed, lr):
+  """(train loss, val loss) of one run trained without vmap, step by step of ``RunFns``."""
+  model, specs = sweep.build_model(config, p, density, key=sweep._seed_keys(config, seed)[0])
+  graphdef, params, rest = sweep.split_model(model)
+  fns = sweep.run_fns(graphdef, sweep.make_optimizer(specs, p, config), config)
+  train, opt_state, losses = jax.jit(fns.train), fns.init(params), []
+  for start in range(0, config.steps, sweep.steps_per_call(config.steps)):
+    (params, opt_state), loss = train(params, opt_state, rest, data.train,
+                                      sweep._seed_keys(config, seed)[1], jnp.float32(lr),
+                                      jnp.int32(start))
+    losses.append(loss)
+  tail = jnp.concatenate(losses)[-max(1, config.steps // 10):].mean()
+  return float(tail), float(jax.jit(fns.evaluate)(params, rest, *data.val))
+
+
+@pytest.mark.parametrize("layer, density, width", [
+    ("fixed_fanin", 1 / 8, 32),
+    pytest.param("fixed_fanin", 1 / 16, 64, marks=pytest.mark.slow),  # the CPU's gather path
+    pytest.param("masked", 1 / 4, 32, marks=pytest.mark.slow)])
+def test_vmapped_runs_match_runs_on_their_own(layer, density, width):
+  config = dataclasses.replace(_VMAP, layer=layer, width=width)
+  data = sweep.make_data(config, stdlib_byte_corpus(max_train_bytes=config.train_bytes,
+                                                    max_val_bytes=config.val_bytes))
+  p = sj.SuPar("supar", width=width, base_width=8, init_std=0.02)
+  runs = [(seed, k, 2.0**k) for seed in (0, 1) for k in (-8, -5)]
+  call = sweep.prepare_call(config, p, density, runs, data)
+  rows = sweep.train_call(config, call, data, stage="sweep")
+  assert [(r["seed"], r["lr_step"], r["runs_in_call"]) for r in rows] == [
+      (seed, k, 4) for seed, k, _ in runs]
+  got = [(r["train_loss"], r["val_loss"]) for r in rows]
+  want = [_alone(config, p, density, data, seed, lr) for seed, _, lr in runs]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert len({v for _, v in got}) == 4  # seeds and LRs really differ
+
+
+def test_partial_tables_mark_missing_cells():
+  table = sweep.optimum_table(_rows("sp", 1.0, 0) + _rows("sp", 0.25, 2)
+                              + _rows("supar", 1.0, 0))
+  text = sweep.markdown_tables(table)
+  assert "| 1/4 | +2* (4.00e-03) | — |" in text
+  assert "| 1 | 0.0000 | 0.0000 |" not in text and "| 1 | 1.0000 | 1.0000 |" in text  # seed range
+
+
+def test_groups_order_estimates_and_budget():
+  assert groups.density_order([1, 1 / 8, 1 / 32, 1 / 128]) == [1 / 128, 1, 1 / 32, 1 / 8]
+  assert groups.density_order([0.5]) == [0.5]
+  assert groups.estimate_seconds(64, 1.0, []) is None
+  timed = [groups.CallTime(16, 2.0, 10.0, 3.0), groups.CallTime(64, 4.0, 20.0, 5.0),
+           groups.CallTime(16, 1.0, 1.0, 1.0), groups.CallTime(64, 4.0, 8.0, 2.0)]
+  assert groups.estimate_seconds(64, 8.0, timed) == 5.0 + 40.0  # width 64, slowest rate
+  assert groups.estimate_seconds(32, 2.0, timed) == 5.0 + 10.0  # no width 32: all calls
+  assert groups.fits(0.0, None, 1.0) and groups.fits(5.0, 100.0, 0.0)
+  assert groups.fits(10.0, 10.0, 21.0) and not groups.fits(10.0, 10.0, 20.0)  # 10 % margin
+  assert sweep.steps_per_call(2000) == 100 and sweep.steps_per_call(97) == 97
+  assert sweep.steps_per_call(202) == 2
+
+
+def test_flops_per_step_matches_xla_for_the_dense_model():
+  config = sweep.Config(width=32, depth=2, heads=2, context=32, batch=4)
+  p = sj.SuPar("sp", width=32, base_width=8)
+  model, _ = sweep.build_model(config, p, 1.0, key=jax.random.key(0))
+  graphdef, params, rest = sweep.split_model(model)
+  tokens = jnp.zeros((config.batch, config.context), jnp.int32)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params, rest)(tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+  cost = jax.jit(jax.value_and_grad(loss)).lower(params).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  ours = groups.flops_per_step(width=32, depth=2, context=32, batch=4)
+  assert 1.0 <= xla / ours <= 1.2  # XLA also counts the elementwise work
+
+
+def test_runs_file_refuses_a_foreign_csv(tmp_path):
+  (tmp_path / "runs.csv").write_text("stage,lr\nsweep,0.1\n")
+  with pytest.raises(ValueError, match="not a resumable sweep"):
+    groups.RunsFile(tmp_path / "runs.csv")

@@ -15,16 +15,26 @@
 3. Runs the coordinate check (``sparsejax.supar.coord_check``) on the same
    model across densities.
 
-Outputs in ``--output_dir``: ``runs.csv`` (every run), ``lr_sweep.png``
-(validation loss vs LR, one panel per parameterization, one curve per
-density, optimum starred), ``best_vs_density.png``, ``coord_check.csv`` and
+All seeds and LRs of one (parameterization, density) train at once: one
+compiled step, vmapped over the runs (each keeps its own keys, topology and
+LR, so its losses are those of a run on its own). Every call appends its runs
+to ``runs.csv`` as it ends; a rerun of the same command skips the runs already
+there (``experiments.supar.groups``), and ``--time_budget_s`` stops before a
+call that would not finish. Groups run in order of information: the proxy,
+then the sparsest and the densest density, then the rest.
+
+Outputs in ``--output_dir``: ``runs.csv`` (every run), ``config.json`` (the
+settings the runs depend on), ``lr_sweep.png`` (validation loss vs LR, one
+panel per parameterization, one curve per density with its seed band,
+optimum starred), ``best_vs_density.png``, ``coord_check.csv`` and
 ``coord_check.png``, and ``sweep.md`` (command, machine, run time, optimum
-table and the measured drift and loss gaps).
+table, the measured drift and loss gaps). ``--report_only`` redraws them
+from ``runs.csv`` alone, also for a partial sweep.
 """
 
 from __future__ import annotations
 
-import csv
+import concurrent.futures
 import dataclasses
 import fractions
 import math
@@ -32,7 +42,8 @@ import os
 import pathlib
 import sys
 import time
-from typing import NamedTuple
+from collections import Counter
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +51,14 @@ import numpy as np
 import optax
 from absl import app, flags
 from flax import nnx
-from tqdm.auto import tqdm
 
 import sparsejax as sj
 from ..common import config_flags
 from ..common.byte_lm import ByteLM, LinearFactory, dense_linear
 from ..common.config_flags import field
-from . import coord_check
+from ..common.progress import Progress
+from . import coord_output, groups
+from .groups import read_csv
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
 
@@ -117,7 +129,17 @@ class Config:
   coord_seeds: int = field(2, "coordinate check: seeds")
   seed: int = field(0, "root PRNG seed")
 
+  # How the runs are executed (none of these changes a run's result but dtype).
+  dtype: str = field("float32", "compute dtype of the forward and backward pass (params and "
+                     "Adam stay float32)", choices=("float32", "bfloat16"))
+  models_per_call: int = field(0, "runs of a group trained at once, vmapped (0: all)",
+                               at_least=0)
+  time_budget_s: float = field(0.0, "stop before a call whose estimated end passes this many "
+                               "seconds since the start (0: no limit); rerun to resume",
+                               at_least=0)
+
   def __post_init__(self):
+    config_flags.check(self)
     if self.layer not in LAYERS:
       raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
     if not self.densities or not all(0 < d <= 1 for d in self.densities):
@@ -186,46 +208,94 @@ def make_optimizer(specs, p: sj.SuPar, config: Config) -> optax.GradientTransfor
                      optax.scale_by_schedule(schedule))
 
 
-def _cross_entropy(graphdef, params, rest, inputs, targets):
-  logits = nnx.merge(graphdef, params, rest)(inputs)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def _cast_floats(tree, dtype):
+  """``tree`` with its float leaves in ``dtype`` (masks and indices untouched)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
 
 
-class _Trainer:
-  """One compiled train step and evaluation for one (parameterization, density)."""
+def steps_per_call(steps: int, most: int = 100) -> int:
+  """Steps per compiled call: the largest divisor of ``steps`` up to ``most``.
 
-  def __init__(self, graphdef, tx: optax.GradientTransformation, config: Config):
-    self.tx, self.config = tx, config
-    loss_fn = lambda params, rest, inputs, targets: _cross_entropy(graphdef, params, rest,
-                                                                   inputs, targets)
+  A divisor, so that every call has the same length (one compile). Between
+  calls the progress shows and a group whose runs all diverged stops.
+  """
+  return max(k for k in range(1, min(steps, most) + 1) if steps % k == 0)
 
-    @jax.jit
-    def step(params, opt_state, rest, data, key, t, lr):
+
+class RunFns(NamedTuple):
+  """One run's training and evaluation as pure functions, for ``jax.vmap`` over runs.
+
+  Attributes:
+    init: ``params -> opt_state``.
+    train: ``(params, opt_state, rest, data, key, lr, start) -> ((params,
+      opt_state), losses)``: Adam steps ``start ... start + steps - 1`` (``run_fns``).
+      Step ``t`` trains on ``sample_windows(data, fold_in(key, t))`` and
+      applies ``-lr`` times the optimizer's update; ``losses`` holds the
+      ``(steps,)`` training losses.
+    evaluate: ``(params, rest, inputs, targets) -> loss``: mean cross-entropy
+      over validation windows ``(val_batches, batch, context)``, one batch at a time.
+  """
+  init: Callable
+  train: Callable
+  evaluate: Callable
+
+
+def run_fns(graphdef, tx: optax.GradientTransformation, config: Config, *,
+            steps: int | None = None) -> RunFns:
+  """``RunFns`` of the model ``graphdef`` trained by ``tx`` (``make_optimizer``).
+
+  Arguments:
+    graphdef, tx: the model's graph and its optimizer.
+    config: batch, context and compute dtype.
+    steps: Adam steps per ``train`` call (default ``steps_per_call(config.steps)``).
+
+  The forward and backward pass run in ``config.dtype``; params, gradients,
+  Adam and the loss stay float32.
+  """
+  compute = jnp.dtype(config.dtype)
+  steps = steps or steps_per_call(config.steps)
+
+  def loss_fn(params, rest, inputs, targets):
+    logits = nnx.merge(graphdef, _cast_floats(params, compute), rest)(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           targets).mean()
+
+  def train(params, opt_state, rest, data, key, lr, start):
+    def step(state, t):
+      params, opt_state = state
       inputs, targets = sample_windows(data, jax.random.fold_in(key, t), config.batch,
                                        config.context)
       loss, grads = jax.value_and_grad(loss_fn)(params, rest, inputs, targets)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-      return params, opt_state, loss
+      return (params, opt_state), loss
 
-    self.step, self.evaluate = step, jax.jit(loss_fn)
+    return jax.lax.scan(step, (params, opt_state), start + jnp.arange(steps))
 
-  def train(self, params, rest, lr: float, train: jax.Array, val_windows, key: jax.Array
-            ) -> tuple[float, float]:
-    """Trains from ``params``; returns (final train loss, val loss), NaN once diverged.
+  def evaluate(params, rest, inputs, targets):
+    return jnp.mean(jax.lax.map(lambda batch: loss_fn(params, rest, *batch), (inputs, targets)))
 
-    The train loss is the mean of the last 10 % of steps.
-    """
-    opt_state, losses = self.tx.init(params), []
-    lr = jnp.float32(lr)
-    for t in range(self.config.steps):
-      params, opt_state, loss = self.step(params, opt_state, rest, train, key, t, lr)
-      losses.append(loss)
-      if (t + 1) % 50 == 0 and not np.isfinite(float(loss)):
-        return math.nan, math.nan  # diverged: no need to finish
-    tail = float(jnp.mean(jnp.stack(losses[-max(1, self.config.steps // 10):])))
-    val = float(self.evaluate(params, rest, *val_windows))
-    return (tail, val) if np.isfinite(tail) and np.isfinite(val) else (math.nan, math.nan)
+  return RunFns(tx.init, train, evaluate)
+
+
+class Data(NamedTuple):
+  """The training bytes and the fixed validation windows.
+
+  Attributes:
+    train: ``(bytes,)`` uint8.
+    val: ``(inputs, targets)``, each ``(val_batches, batch, context)`` int32.
+  """
+  train: jax.Array
+  val: tuple[jax.Array, jax.Array]
+
+
+def make_data(config: Config, corpus: ByteCorpus) -> Data:
+  """``Data`` of ``corpus``: its training bytes and ``val_batches`` batches of fixed windows."""
+  windows = sample_windows(jnp.asarray(corpus.val), jax.random.key(_VAL_KEY),
+                           config.val_batches * config.batch, config.context)
+  shape = (config.val_batches, config.batch, config.context)
+  return Data(jnp.asarray(corpus.train), tuple(w.reshape(shape) for w in windows))
 
 
 def _root_keys(config: Config) -> tuple[jax.Array, jax.Array]:
@@ -240,42 +310,113 @@ def _seed_keys(config: Config, seed: int) -> tuple[jax.Array, jax.Array]:
   return model_key, data_key
 
 
-def _grid(config: Config, p: sj.SuPar, density: float, lrs, corpus, bar, stage: str
-          ) -> list[dict]:
-  """Every seed x LR at one (parameterization, density); one compiled step for all.
+def _stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+class PreparedCall(NamedTuple):
+  """A vmapped call ready to train: its runs' initial state and the compiled functions.
+
+  Attributes:
+    p, density, runs: as given to ``prepare_call``.
+    state: ``(params, opt_state, rest, keys, lrs)``, each with a leading run axis.
+    train, evaluate: ``RunFns.train`` and ``RunFns.evaluate`` vmapped over the
+      runs, compiled.
+    seconds: how long building the models and compiling took.
+  """
+  p: sj.SuPar
+  density: float
+  runs: list
+  state: tuple
+  train: Callable
+  evaluate: Callable
+  seconds: float
+
+
+def prepare_call(config: Config, p: sj.SuPar, density: float, runs, data: Data) -> PreparedCall:
+  """Builds the models of ``runs`` and compiles their vmapped training (thread-safe).
 
   Arguments:
-    config: the sweep (model size, steps, seeds, validation windows).
+    config: the sweep (model size, steps, dtype).
     p: the parameterization at the width to train.
     density: hidden density.
-    lrs: base learning rates (the step scales them by the LR multipliers).
-    corpus: train and validation bytes.
-    bar: a tqdm bar, advanced once per run.
+    runs: ``[(seed, lr_step, lr)]``; each run's model, topology and data order
+      come from its seed (``_seed_keys``), as if it trained on its own.
+    data: training bytes and validation windows (for their shapes).
+  """
+  began = time.monotonic()
+  split = {}
+  for seed in dict.fromkeys(seed for seed, _, _ in runs):
+    model, specs = build_model(config, p, density, key=_seed_keys(config, seed)[0])
+    split[seed] = split_model(model)
+  graphdef = split[runs[0][0]][0]  # topologies differ by seed, the graph does not
+  fns = run_fns(graphdef, make_optimizer(specs, p, config), config)
+  params = _stack([split[seed][1] for seed, _, _ in runs])
+  rest = _stack([split[seed][2] for seed, _, _ in runs])
+  keys = jnp.stack([_seed_keys(config, seed)[1] for seed, _, _ in runs])
+  lrs = jnp.asarray([lr for _, _, lr in runs], jnp.float32)
+  opt_state = jax.jit(jax.vmap(fns.init))(params)
+  train = jax.jit(jax.vmap(fns.train, in_axes=(0, 0, 0, None, 0, 0, None)),
+                  donate_argnums=(0, 1)).lower(params, opt_state, rest, data.train, keys, lrs,
+                                               jnp.int32(0)).compile()
+  evaluate = jax.jit(jax.vmap(fns.evaluate, in_axes=(0, 0, None, None))).lower(
+      params, rest, *data.val).compile()
+  return PreparedCall(p, density, list(runs), (params, opt_state, rest, keys, lrs), train,
+                      evaluate, time.monotonic() - began)
+
+
+def train_call(config: Config, call: PreparedCall, data: Data, *, stage: str,
+               advance: Callable[[int], None] = lambda run_steps: None) -> list[dict]:
+  """Trains a prepared call's runs at once and evaluates them.
+
+  Arguments:
+    config: the sweep (steps).
+    call: from ``prepare_call`` (its donated state is used up).
+    data: training bytes and validation windows.
     stage: ``"proxy"`` or ``"sweep"``, recorded in the rows.
+    advance: called with the run-steps done after every compiled call.
 
   Returns:
-    One row per run: ``{stage, parameterization, width, alpha_in, density,
-    layer, lr, seed, train_loss, val_loss}`` (NaN losses once diverged).
+    One row per run with ``groups.COLUMNS``; the train loss is the mean of
+    the last 10 % of steps; both losses are NaN once a run diverged.
   """
-  train, val = jnp.asarray(corpus.train), jnp.asarray(corpus.val)
-  val_windows = sample_windows(val, jax.random.key(_VAL_KEY), config.val_batches * config.batch,
-                               config.context)
-  rows, trainer = [], None
-  for seed in range(config.seeds):
-    model_key, data_key = _seed_keys(config, seed)
-    model, specs = build_model(config, p, density, key=model_key)
-    graphdef, params, rest = split_model(model)
-    if trainer is None:  # topologies differ by seed, shapes do not: compile once
-      trainer = _Trainer(graphdef, make_optimizer(specs, p, config), config)
-    for lr in lrs:
-      train_loss, val_loss = trainer.train(params, rest, lr, train, val_windows, data_key)
-      rows.append(dict(stage=stage, parameterization=p.parameterization, width=p.width,
-                       alpha_in=p.alpha_in, density=density, layer=config.layer, lr=lr,
-                       seed=seed, train_loss=train_loss, val_loss=val_loss))
-      bar.update()
-      bar.set_postfix(p=p.parameterization, density=f"{density:g}", lr=f"{lr:.2e}",
-                      val=f"{val_loss:.3f}")
+  began = time.monotonic()
+  params, opt_state, rest, keys, lrs = call.state
+  chunk, losses = steps_per_call(config.steps), []
+  for start in range(0, config.steps, chunk):
+    (params, opt_state), loss = call.train(params, opt_state, rest, data.train, keys, lrs,
+                                           jnp.int32(start))
+    losses.append(np.asarray(loss))
+    advance(chunk * len(call.runs))
+    if not np.isfinite(losses[-1][:, -1]).any():
+      break  # every run diverged: no need to finish
+  losses = np.concatenate(losses, axis=1)
+  tail = losses[:, -max(1, config.steps // 10):].mean(axis=1)
+  if losses.shape[1] < config.steps:
+    tail[:] = math.nan
+  val = np.asarray(call.evaluate(params, rest, *data.val))
+  seconds, device, p = time.monotonic() - began, jax.devices()[0].device_kind, call.p
+  rows = []
+  for (seed, lr_step, lr), train_loss, val_loss in zip(call.runs, tail, val):
+    finite = bool(np.isfinite(train_loss) and np.isfinite(val_loss))
+    rows.append(dict(stage=stage, parameterization=p.parameterization, width=p.width,
+                     alpha_in=p.alpha_in, density=call.density, layer=config.layer, lr=lr,
+                     lr_step=lr_step, seed=seed,
+                     train_loss=float(train_loss) if finite else math.nan,
+                     val_loss=float(val_loss) if finite else math.nan,
+                     seconds=round(seconds, 2), compile_seconds=round(call.seconds, 2),
+                     runs_in_call=len(call.runs), device=device))
   return rows
+
+
+def _seed_losses(rows: list[dict]) -> dict[tuple, dict[float, list[float]]]:
+  """``{(stage, parameterization, alpha_in, density): {lr: [val loss per seed]}}``, sorted."""
+  by_key = {}
+  for r in rows:
+    curve = by_key.setdefault((r["stage"], r["parameterization"], r["alpha_in"], r["density"]),
+                              {})
+    curve.setdefault(r["lr"], []).append(r["val_loss"])
+  return {key: dict(sorted(curve.items())) for key, curve in by_key.items()}
 
 
 def _curves(rows: list[dict]) -> dict[tuple, dict[float, float]]:
@@ -283,13 +424,8 @@ def _curves(rows: list[dict]) -> dict[tuple, dict[float, float]]:
 
   The mean is NaN where any seed diverged, which rules that LR out.
   """
-  groups = {}
-  for r in rows:
-    curve = groups.setdefault((r["stage"], r["parameterization"], r["alpha_in"], r["density"]),
-                              {})
-    curve.setdefault(r["lr"], []).append(r["val_loss"])
-  return {key: {lr: float(np.mean(v)) for lr, v in sorted(curve.items())}
-          for key, curve in groups.items()}
+  return {key: {lr: float(np.mean(v)) for lr, v in curve.items()}
+          for key, curve in _seed_losses(rows).items()}
 
 
 def _argmin(curve: dict[float, float], what) -> float:
@@ -304,9 +440,10 @@ class SweepResult(NamedTuple):
   """What ``run`` measured.
 
   Attributes:
-    rows: one dict per run (``stage`` "proxy" or "sweep").
+    rows: one dict per run (``stage`` "proxy" or "sweep"), ``groups.COLUMNS``.
     base_lr, alpha_in: the proxy's best LR and input multiplier (or the
-      ``Config``'s when ``base_lr`` is given).
+      ``Config``'s when ``base_lr`` is given); the best so far while the proxy
+      is unfinished, NaN before any proxy run.
     coord_rows: ``supar.coord_check`` rows (empty if skipped).
   """
   rows: list[dict]
@@ -320,24 +457,57 @@ def _parameterization(config: Config, name: str, width: int, alpha_in: float) ->
                   alpha_in=alpha_in, alpha_out=config.alpha_out)
 
 
-def tune_proxy(config: Config, corpus: ByteCorpus, *, progress: bool = True
-               ) -> tuple[float, float, list[dict]]:
-  """The dense μP proxy's best (LR, alpha_in) over ``proxy_log2_lrs x proxy_alpha_in``.
+# Config fields that only choose which runs to do, or how: a rerun may change
+# them and keep the runs already in runs.csv. Every other field must match.
+_FREE_FIELDS = ("densities", "parameterizations", "lr_steps", "coord_steps", "coord_lr",
+                "coord_seeds", "models_per_call", "time_budget_s")
 
-  Returns:
-    ``(base_lr, alpha_in, rows)``.
+
+def plan(config: Config, alpha_in: float) -> list[tuple[groups.Group, list[tuple[int, int]]]]:
+  """Every group of the sweep in the order it runs, with its ``(lr_step, seed)`` runs.
+
+  The proxy's groups (unless ``config.base_lr`` is given; one per ``alpha_in``
+  of its grid, ``lr_step`` = log2 LR) come first, then the sweep's at
+  ``alpha_in`` (``lr_step`` = log2(LR / base LR)): densities in
+  ``groups.density_order``, each for every parameterization.
   """
-  lrs = [2.0 ** k for k in config.proxy_log2_lrs]
-  total = len(lrs) * len(config.proxy_alpha_in) * config.seeds
-  rows = []
-  with tqdm(total=total, desc="proxy", disable=not progress) as bar:
-    for alpha_in in config.proxy_alpha_in:
-      p = _parameterization(config, "mup", config.base_width, alpha_in)
-      rows += _grid(config, p, 1.0, lrs, corpus, bar, "proxy")
-  curves = _curves(rows)
+  seeds = range(config.seeds)
+  proxy = [(groups.Group("proxy", "mup", config.base_width, float(a), 1.0, config.layer),
+            [(k, s) for k in config.proxy_log2_lrs for s in seeds])
+           for a in config.proxy_alpha_in] if config.base_lr <= 0 else []
+  sweep = [(groups.Group("sweep", name, config.width, float(alpha_in), float(d), config.layer),
+            [(k, s) for k in config.lr_steps for s in seeds])
+           for d in groups.density_order(config.densities) for name in config.parameterizations]
+  return proxy + sweep
+
+
+def proxy_optimum(rows: list[dict]) -> tuple[float, float]:
+  """``(base_lr, alpha_in)``: the proxy rows' best mean validation loss over seeds."""
+  curves = _curves([r for r in rows if r["stage"] == "proxy"])
   best = {key: (lr := _argmin(curve, key), curve[lr]) for key, curve in curves.items()}
   key = min(best, key=lambda k: best[k][1])
-  return best[key][0], key[2], rows
+  return best[key][0], key[2]
+
+
+def _pending(config: Config, done: set, alpha_in: float) -> list[tuple[groups.Group, list]]:
+  """The groups of ``plan`` with their runs missing from ``done`` (``groups.run_key``s)."""
+  return [(group, runs) for group, runs in
+          ((g, [(k, s) for k, s in runs if (g, k, s) not in done]) for g, runs in
+           plan(config, alpha_in)) if runs]
+
+
+def gpt_coord_batch(config: Config, corpus: ByteCorpus) -> tuple[tuple[jax.Array, jax.Array],
+                                                                  jax.Array]:
+  """The coordinate check's fixed batch and model key (``experiments.supar.coord_check`` too).
+
+  Returns:
+    ``((inputs, targets), model key)``: ``config.batch`` training windows of
+    ``config.context`` bytes, both ``(batch, context)``, and the key whose
+    ``fold_in(key, seed)`` builds each seed's model.
+  """
+  data_key, model_key = jax.random.split(_root_keys(config)[1])
+  return sample_windows(jnp.asarray(corpus.train), data_key, config.batch,
+                        config.context), model_key
 
 
 def gpt_coord_check(config: Config, corpus: ByteCorpus, alpha_in: float) -> list[dict]:
@@ -366,8 +536,7 @@ def gpt_coord_check(config: Config, corpus: ByteCorpus, alpha_in: float) -> list
 
     return supar.CoordCheckModel(params, specs, forward)
 
-  data_key, model_key = jax.random.split(_root_keys(config)[1])
-  batch = sample_windows(jnp.asarray(corpus.train), data_key, config.batch, config.context)
+  batch, model_key = gpt_coord_batch(config, corpus)
   base = _parameterization(config, "supar", config.base_width, alpha_in)
   return supar.coord_check(build, batch, base=base, parameterizations=config.parameterizations,
                            widths=(config.width,), densities=config.densities,
@@ -375,26 +544,118 @@ def gpt_coord_check(config: Config, corpus: ByteCorpus, alpha_in: float) -> list
                            seeds=config.coord_seeds, key=model_key)
 
 
-def run(config: Config, *, progress: bool = True) -> SweepResult:
-  """Proxy tuning (unless ``config.base_lr``), the density x LR sweep and the coordinate check."""
+def _transfer(config: Config, rows: list[dict]) -> tuple[float, float]:
+  """``(base_lr, alpha_in)``: the given ones, the proxy's optimum once ``rows`` hold all
+  its runs, else NaNs."""
+  if config.base_lr > 0:
+    return config.base_lr, config.alpha_in
+  done = {groups.run_key(r) for r in rows}
+  if any(g.stage == "proxy" for g, _ in _pending(config, done, math.nan)):
+    return math.nan, math.nan
+  return proxy_optimum(rows)
+
+
+def pending_runs(config: Config, rows: list[dict], alpha_in: float) -> int:
+  """How many runs of ``config``'s grid ``rows`` lacks (the sweep's at ``alpha_in``)."""
+  return sum(len(runs) for _, runs in _pending(config, {groups.run_key(r) for r in rows},
+                                                alpha_in))
+
+
+def run(config: Config, out_dir: pathlib.Path, *, progress: bool = True) -> SweepResult:
+  """Proxy tuning (unless ``config.base_lr``), the density x LR sweep and the coordinate check.
+
+  Resumable: the runs already in ``out_dir/runs.csv`` are skipped, and each
+  vmapped call appends its runs there as it ends. With ``time_budget_s`` the
+  sweep stops before a call whose estimated end (``groups.estimate_seconds``)
+  passes the budget; the coordinate check runs once the sweep is complete.
+
+  Arguments:
+    config: the sweep.
+    out_dir: where ``runs.csv`` and ``config.json`` are (``config`` must match
+      the stored one except for ``_FREE_FIELDS``).
+    progress: show progress on stderr.
+
+  Returns:
+    A ``SweepResult`` with every row of runs.csv.
+  """
+  began = time.monotonic()
+  groups.check_resume(config, out_dir / "config.json", _FREE_FIELDS)
+  log = groups.RunsFile(out_dir / "runs.csv")
   corpus = stdlib_byte_corpus(max_train_bytes=config.train_bytes,
                               max_val_bytes=config.val_bytes)
-  rows = []
-  if config.base_lr > 0:
-    base_lr, alpha_in = config.base_lr, config.alpha_in
-  else:
-    base_lr, alpha_in, rows = tune_proxy(config, corpus, progress=progress)
-  lrs = [base_lr * 2.0 ** k for k in config.lr_steps]
-  total = len(config.parameterizations) * len(config.densities) * len(lrs) * config.seeds
-  with tqdm(total=total, desc="sweep", disable=not progress) as bar:
-    for name in config.parameterizations:
-      p = _parameterization(config, name, config.width, alpha_in)
-      for density in config.densities:
-        rows += _grid(config, p, density, lrs, corpus, bar, "sweep")
-  for r in rows:
-    r["lr_step"] = round(math.log2(r["lr"] / base_lr))
-  coord_rows = gpt_coord_check(config, corpus, alpha_in) if config.coord_steps > 0 else []
-  return SweepResult(rows, base_lr, alpha_in, coord_rows)
+  data = make_data(config, corpus)
+  per_run = {w: config.steps * groups.flops_per_step(width=w, depth=config.depth,
+                                                    context=config.context, batch=config.batch)
+             for w in (config.width, config.base_width)}
+  timed = groups.timed_calls(log.rows, per_run.__getitem__)
+  bar = Progress(config.steps * pending_runs(config, log.rows, _transfer(config, log.rows)[1]),
+                 desc="sweep", enabled=progress)
+  done_steps = 0
+
+  def advance(run_steps):
+    nonlocal done_steps
+    done_steps += run_steps
+    bar.update(done_steps)
+
+  def train_stage(stage: str, alpha_in: float, base_lr: float) -> bool:
+    """Trains the stage's missing runs; False if the time budget stopped it.
+
+    While one call trains, a second thread builds and compiles the next one
+    (with a budget: if both are estimated to fit it).
+    """
+    calls = []
+    for group, runs in _pending(config, log.done, alpha_in):
+      if group.stage == stage:
+        p = _parameterization(config, group.parameterization, group.width, group.alpha_in)
+        size = config.models_per_call or len(runs)
+        calls += [(group, p, [(seed, k, 2.0**k if stage == "proxy" else base_lr * 2.0**k)
+                              for k, seed in runs[i:i + size]])
+                  for i in range(0, len(runs), size)]
+
+    def estimate(i):
+      group, _, runs = calls[i]
+      return groups.estimate_seconds(group.width, len(runs) * per_run[group.width], timed)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      prepare = lambda i: pool.submit(prepare_call, config, calls[i][1], calls[i][0].density,
+                                      calls[i][2], data)
+      prefetched = None
+      for i, (group, p, runs) in enumerate(calls):
+        elapsed = time.monotonic() - began
+        if not groups.fits(elapsed, estimate(i), config.time_budget_s):
+          bar.write(f"time budget: {elapsed:.0f} s used, the next call needs ~{estimate(i):.0f} s "
+                    f"of {config.time_budget_s:g} s; stopping (rerun to resume)")
+          return False
+        prepared = (prefetched or prepare(i)).result()
+        # With a budget, prefetch only what is known to fit: the stop would wait for it.
+        budget, last = config.time_budget_s, i + 1 == len(calls)
+        later = None if last else estimate(i + 1)
+        known_to_fit = later is not None and groups.fits(elapsed + (estimate(i) or 0.0), later,
+                                                         budget)
+        prefetched = None if last or (budget and not known_to_fit) else prepare(i + 1)
+        rows = train_call(config, prepared, data, stage=stage, advance=advance)
+        log.append(rows)
+        timed.append(groups.CallTime(group.width, len(runs) * per_run[group.width],
+                                     rows[0]["seconds"], rows[0]["compile_seconds"]))
+        losses = [r["val_loss"] for r in rows if np.isfinite(r["val_loss"])]
+        bar.write(f"{stage} {NAMES[p.parameterization]} width {p.width} α_in {p.alpha_in:g} "
+                  f"density {_density_label(group.density)}: {len(runs)} runs trained in "
+                  f"{rows[0]['seconds']:.0f} s (built and compiled in "
+                  f"{rows[0]['compile_seconds']:.0f} s), best val loss "
+                  f"{min(losses, default=math.nan):.4f}")
+    return True
+
+  if train_stage("proxy", math.nan, math.nan):
+    base_lr, alpha_in = _transfer(config, log.rows)
+    train_stage("sweep", alpha_in, base_lr)
+  bar.close()
+  base_lr, alpha_in = _transfer(config, log.rows)
+  complete = not pending_runs(config, log.rows, alpha_in)
+  coord_rows = (gpt_coord_check(config, corpus, alpha_in)
+                if config.coord_steps > 0 and complete else [])
+  if math.isnan(base_lr) and log.rows:
+    base_lr, alpha_in = proxy_optimum(log.rows)  # the proxy's best so far, for the report
+  return SweepResult(list(log.rows), base_lr, alpha_in, coord_rows)
 
 
 def optimum_table(rows: list[dict]) -> list[dict]:
@@ -402,28 +663,31 @@ def optimum_table(rows: list[dict]) -> list[dict]:
 
   Returns:
     Rows ``{parameterization, density, best_step, best_lr, at_edge, best_loss,
-    base_loss, drift}``: the optimum's grid step ``log2(lr / base_lr)``,
-    whether it lies on the grid's edge (the true optimum may be beyond),
-    the mean val loss there and at the base LR (step 0, the transferred
-    hyperparameters; NaN if step 0 is not in the grid), and ``drift`` = best
-    step minus the best step at the highest density.
+    base_loss, drift, seeds, spread}``: the optimum's grid step ``log2(lr /
+    base_lr)``, whether it lies on the grid's edge (the true optimum may be
+    beyond), the mean val loss there and at the base LR (step 0, the
+    transferred hyperparameters; NaN if step 0 is not in the grid), ``drift``
+    = best step minus the best step at the highest density, and the number of
+    seeds and their range (max - min) of val loss at the optimum.
   """
   sweep = [r for r in rows if r["stage"] == "sweep"]
   steps = {r["lr"]: r["lr_step"] for r in sweep}
   base_lr = next((lr for lr, k in steps.items() if k == 0), None)
   edges = (min(steps.values()), max(steps.values()))
-  curves = _curves(sweep)
+  curves, seed_losses = _curves(sweep), _seed_losses(sweep)
   table = []
   for name in dict.fromkeys(r["parameterization"] for r in sweep):
-    own = sorted(((key[3], curve) for key, curve in curves.items() if key[1] == name),
-                 key=lambda item: -item[0])  # densest first
-    reference = steps[_argmin(own[0][1], (name, own[0][0]))]
-    for density, curve in own:
-      best = _argmin(curve, (name, density))
+    own = sorted(((key, curve) for key, curve in curves.items() if key[1] == name),
+                 key=lambda item: -item[0][3])  # densest first
+    reference = steps[_argmin(own[0][1], (name, own[0][0][3]))]
+    for key, curve in own:
+      best, density = _argmin(curve, (name, key[3])), key[3]
+      at_best = seed_losses[key][best]
       table.append(dict(parameterization=name, density=density, best_step=steps[best],
                         best_lr=best, at_edge=steps[best] in edges, best_loss=curve[best],
                         base_loss=curve.get(base_lr, math.nan),
-                        drift=steps[best] - reference))
+                        drift=steps[best] - reference, seeds=len(at_best),
+                        spread=max(at_best) - min(at_best)))
   return table
 
 
@@ -447,24 +711,32 @@ def outcome(table: list[dict]) -> dict:
 
 
 def markdown_tables(table: list[dict]) -> str:
-  """Optimal LR step and val loss per density (rows) and parameterization (columns)."""
+  """Optimal LR step and val losses per density (rows) and parameterization (columns).
+
+  A partial sweep leaves cells it has not trained as "—".
+  """
   names = list(dict.fromkeys(r["parameterization"] for r in table))
   cell = {(r["parameterization"], r["density"]): r for r in table}
   densities = sorted({r["density"] for r in table}, reverse=True)
   head = "| density | " + " | ".join(NAMES[n] for n in names) + " |"
   rule = "|---|" + "---:|" * len(names)
-  lines = ["Optimal LR: grid step log2(LR / base LR), its LR; * on the grid's edge.", "",
-           head, rule]
-  for d in densities:
-    lines.append(f"| {_density_label(d)} | " + " | ".join(
-        f"{cell[n, d]['best_step']:+d}{'*' if cell[n, d]['at_edge'] else ''} "
-        f"({cell[n, d]['best_lr']:.2e})" for n in names) + " |")
-  lines += ["", "Validation loss (nats/byte, mean over seeds): at the optimum / at the base "
-            "LR.", "", head, rule]
-  for d in densities:
-    lines.append(f"| {_density_label(d)} | " + " | ".join(
-        f"{cell[n, d]['best_loss']:.4f} / {cell[n, d]['base_loss']:.4f}" for n in names) + " |")
-  return "\n".join(lines)
+
+  def rows(text):
+    return [f"| {_density_label(d)} | " + " | ".join(
+        text(cell[n, d]) if (n, d) in cell else "—" for n in names) + " |" for d in densities]
+
+  seeds = sorted({r["seeds"] for r in table})
+  return "\n".join([
+      "Optimal LR: grid step log2(LR / base LR) (0 is the proxy's optimum), its LR; * on the "
+      "grid's edge.", "", head, rule,
+      *rows(lambda c: f"{c['best_step']:+d}{'*' if c['at_edge'] else ''} ({c['best_lr']:.2e})"),
+      "", f"Validation loss (nats/byte, mean over {'/'.join(map(str, seeds))} seeds): at the "
+      "optimum / at the base LR (the proxy's LR, no re-tuning), and the gap between them.", "",
+      head, rule,
+      *rows(lambda c: f"{c['best_loss']:.4f} / {c['base_loss']:.4f} "
+                      f"({c['base_loss'] - c['best_loss']:+.4f})"),
+      "", "Seed range (max − min over seeds) of the validation loss at the optimum.", "",
+      head, rule, *rows(lambda c: f"{c['spread']:.4f}")])
 
 
 def outcome_lines(table: list[dict]) -> list[str]:
@@ -472,6 +744,11 @@ def outcome_lines(table: list[dict]) -> list[str]:
   o = outcome(table)
   lines = [f"- {NAMES[n]}: the optimal LR moves by {lo:+d} to {hi:+d} grid steps (factors of 2) "
            "from the densest model's." for n, (lo, hi) in o["drift"].items()]
+  for n, loss in o["loss"].items():
+    gap = loss["base"] - loss["best"]
+    lines.append(f"- {NAMES[n]}, density {_density_label(o['sparsest'])}: the proxy's LR "
+                 f"(step 0) costs {gap:.4f} nats/byte ({100 * gap / loss['best']:.1f} %) over "
+                 f"its own optimal LR ({loss['base']:.4f} vs {loss['best']:.4f}).")
   if "supar" in o["loss"]:
     ours = o["loss"]["supar"]
     for n in (n for n in o["loss"] if n != "supar"):
@@ -489,15 +766,16 @@ def outcome_lines(table: list[dict]) -> list[str]:
 def plot_lr_sweep(rows: list[dict], base_lr: float):
   """Val loss vs log2(LR / base LR): one panel per parameterization, one curve per density.
 
-  A last panel shows the proxy, one curve per ``alpha_in``. Stars mark each
-  curve's optimum.
+  A last panel shows the proxy, one curve per ``alpha_in``. Curves are means
+  over seeds, bands span the seeds' min to max (diverged seeds left out),
+  and stars mark each curve's optimum.
 
   Returns:
     A ``matplotlib.figure.Figure`` (no pyplot state, so it suits scripts and notebooks).
   """
   from matplotlib.figure import Figure
 
-  curves = _curves(rows)
+  curves, seed_losses = _curves(rows), _seed_losses(rows)
   panels = list(dict.fromkeys((stage, name) for stage, name, _, _ in curves))
   panels.sort(key=lambda panel: panel[0] == "proxy")  # the proxy last
   fig = Figure(figsize=(4.2 * len(panels), 3.8))
@@ -511,8 +789,12 @@ def plot_lr_sweep(rows: list[dict], base_lr: float):
       curve, color = curves[key], _color(i, len(own))
       label = (f"density {_density_label(key[3])}" if stage == "sweep"
                else f"α_in = {key[2]:g}")
-      ax.plot([math.log2(lr / base_lr) for lr in curve], list(curve.values()), marker="o",
-              ms=3, color=color, label=label)
+      x = [math.log2(lr / base_lr) for lr in curve]
+      ax.plot(x, list(curve.values()), marker="o", ms=3, color=color, label=label)
+      finite_seeds = [[v for v in seeds if np.isfinite(v)] for seeds in seed_losses[key].values()]
+      ax.fill_between(x, [min(v, default=math.nan) for v in finite_seeds],
+                      [max(v, default=math.nan) for v in finite_seeds], color=color, alpha=0.2,
+                      lw=0)
       best = _argmin(curve, key)
       ax.plot(math.log2(best / base_lr), curve[best], marker="*", ms=14, color=color,
               markeredgecolor="k")
@@ -522,7 +804,7 @@ def plot_lr_sweep(rows: list[dict], base_lr: float):
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=7)
   # Zoom on the basins: diverged or barely-trained runs would flatten them.
-  axes[0].set(ylabel="final val loss (nats/byte)",
+  axes[0].set(ylabel="final val loss (nats/byte), band: seeds",
               ylim=(min(finite) - 0.05, min(max(finite), min(finite) + 1.0) + 0.05))
   fig.tight_layout()
   return fig
@@ -553,41 +835,65 @@ def plot_best_vs_density(table: list[dict]):
   return fig
 
 
-def read_csv(path: pathlib.Path) -> list[dict]:
-  """Rows of a CSV written by ``write_outputs``, with numbers parsed (``nan`` included)."""
-  def parse(value: str):
-    for kind in (int, float):
-      try:
-        return kind(value)
-      except ValueError:
-        pass
-    return value
-
-  with open(path, newline="") as f:
-    return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def _base(rows: list[dict]) -> tuple[float, float]:
+  """``(base_lr, alpha_in)`` of runs.csv rows: a sweep row's, else the proxy's best so far."""
+  row = next((r for r in rows if r["stage"] == "sweep"), None)
+  if row is None:
+    return proxy_optimum(rows)
+  return row["lr"] / 2.0 ** row["lr_step"], row["alpha_in"]
 
 
 def load_result(out_dir: pathlib.Path) -> SweepResult:
-  """A ``SweepResult`` from ``runs.csv`` (and ``coord_check.csv`` if present) in ``out_dir``."""
+  """A ``SweepResult`` from ``runs.csv`` (and ``coord_check.csv`` if present) in ``out_dir``.
+
+  A partial sweep loads too; without sweep rows the base LR is the proxy's best so far.
+  """
   rows = read_csv(out_dir / "runs.csv")
-  base_lr = rows[0]["lr"] / 2.0 ** rows[0]["lr_step"]
-  alpha_in = next(r["alpha_in"] for r in rows if r["stage"] == "sweep")
   coord = out_dir / "coord_check.csv"
-  return SweepResult(rows, base_lr, alpha_in, read_csv(coord) if coord.exists() else [])
+  return SweepResult(rows, *_base(rows), read_csv(coord) if coord.exists() else [])
+
+
+def _compute_lines(rows: list[dict]) -> list[str]:
+  """Where and how long the runs trained, from runs.csv's timing columns (if it has them)."""
+  if not rows or "seconds" not in rows[0]:
+    return []
+  calls = groups.timed_calls(rows, lambda width: 1.0)
+  devices = ", ".join(f"{d} ({n} runs)" for d, n in
+                      Counter(r["device"] for r in rows).items())
+  train, build = (sum(c.seconds for c in calls), sum(c.compile_seconds for c in calls))
+  return [f"- Compute: {len(calls)} vmapped calls trained for {train:.0f} s and were built and "
+          f"compiled in {build:.0f} s (each call but a stage's first while the previous one "
+          f"trained), on {devices}"]
 
 
 def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, command: str,
-                  seconds: float) -> str:
-  """Writes runs.csv, the plots, the coordinate check and sweep.md; returns sweep.md's text."""
+                  seconds: float | None) -> str:
+  """Writes runs.csv, the plots, the coordinate check and sweep.md; returns sweep.md's text.
+
+  ``seconds``: this command's wall time (``None``: a report redrawn from runs.csv).
+  A partial sweep gets the tables and plots of what it has, and a line
+  counting the runs still to train for ``config``.
+  """
   out_dir.mkdir(parents=True, exist_ok=True)
-  coord_check.write_csv(result.rows, out_dir / "runs.csv")
-  table = optimum_table(result.rows)
+  groups.write_csv(result.rows, out_dir / "runs.csv")
+  has_sweep = any(r["stage"] == "sweep" for r in result.rows)
+  table = optimum_table(result.rows) if has_sweep else []
   plot_lr_sweep(result.rows, result.base_lr).savefig(out_dir / "lr_sweep.png", dpi=120)
-  plot_best_vs_density(table).savefig(out_dir / "best_vs_density.png", dpi=120)
+  if table:
+    plot_best_vs_density(table).savefig(out_dir / "best_vs_density.png", dpi=120)
+  # Counted for resumable runs.csv files only: older ones keyed the proxy's LRs otherwise.
+  resumable = set(result.rows[0]) == set(groups.COLUMNS)
+  pending = pending_runs(config, result.rows, result.alpha_in) if resumable else 0
+  status = ([f"- **Partial**: {pending} runs of this config still to train (rerun the command "
+             "to resume)."] if pending else [])
+  outcome_text = ([*outcome_lines(table), "", markdown_tables(table), "",
+                   "![validation loss vs LR](lr_sweep.png)", "",
+                   "![best loss vs density](best_vs_density.png)"] if table
+                  else ["No sweep runs yet.", "", "![validation loss vs LR](lr_sweep.png)"])
   coord = []
   if result.coord_rows:
-    coord_check.write_csv(result.coord_rows, out_dir / "coord_check.csv")
-    coord_check.plot(result.coord_rows, out_dir / "coord_check.png")
+    coord_output.write_csv(result.coord_rows, out_dir / "coord_check.csv")
+    coord_output.plot(result.coord_rows, out_dir / "coord_check.png")
     drift = supar.coord_check_drift(result.coord_rows, width=config.width,
                                     density=max(config.densities),
                                     steps=range(1, config.coord_steps + 1))
@@ -603,12 +909,11 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
       "# SμPar transfer across sparsity: measured", "",
       f"- Command: `{command}`",
       f"- Config: {dataclasses.asdict(config)}",
-      f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; run time {seconds:.0f} s",
+      f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+      + (f"; run time {seconds:.0f} s" if seconds is not None else "; redrawn from runs.csv"),
       f"- Machine: {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} CPU cores; "
       f"jax {jax.__version__}, Python {sys.version.split()[0]}",
-      *proxy, "", *outcome_lines(table), "", markdown_tables(table), "",
-      "![validation loss vs LR](lr_sweep.png)", "", "![best loss vs density](best_vs_density.png)",
-      *coord, ""])
+      *_compute_lines(result.rows), *status, *proxy, "", *outcome_text, *coord, ""])
   (out_dir / "sweep.md").write_text(text)
   return text
 
@@ -617,16 +922,21 @@ def define_flags() -> None:
   """Flags of the script: one per ``Config`` field, plus ``output_dir``."""
   config_flags.define_flags(Config)
   flags.DEFINE_string("output_dir", "runs/supar_transfer", "where the CSVs, PNGs and sweep.md go")
+  flags.DEFINE_boolean("report_only", False, "train nothing: redraw the plots and sweep.md from "
+                       "output_dir/runs.csv (pass the sweep's own flags for the pending count)")
 
 
 def main(argv):
   del argv
   config = config_flags.config_from_flags(Config)
+  out_dir = pathlib.Path(flags.FLAGS.output_dir)
   start = time.time()
-  result = run(config)
+  result = load_result(out_dir) if flags.FLAGS.report_only else run(config, out_dir)
+  if not result.rows:
+    raise SystemExit("no runs trained yet (the time budget allowed none)")
   command = "python -m experiments.supar.sweep " + " ".join(sys.argv[1:])
-  print(write_outputs(result, config, pathlib.Path(flags.FLAGS.output_dir), command.strip(),
-                      time.time() - start))
+  print(write_outputs(result, config, out_dir, command.strip(),
+                      None if flags.FLAGS.report_only else time.time() - start))
 
 
 if __name__ == "__main__":
