@@ -48,6 +48,15 @@ def test_grad_prune_keeps_the_init_and_prunes_only_the_mlp_weight_gradients():
     assert not np.allclose(dense_dw, pruned_dw)
     assert np.linalg.norm(pruned_dw - dense_dw) < 2 * np.linalg.norm(dense_dw)
   np.testing.assert_array_equal(plain.encode(*batch), pruned.encode(*batch))
+  # Inference has no backward pass: model.eval() skips the pruning, so any batch size goes
+  # (15 is no multiple of m = 2, which the pruning refuses), and model.train() restores it.
+  odd = tuple(b[:15] for b in batch)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    pruned.encode(*odd)
+  pruned.eval()
+  np.testing.assert_array_equal(pruned.encode(*odd), plain.encode(*odd))
+  pruned.train()
+  assert not any(layer.deterministic for layer in pruned.mlp)
 
 
 def test_supar_classifier_draws_sqrt_3k_std_and_returns_in_over_k():

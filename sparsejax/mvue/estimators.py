@@ -43,8 +43,7 @@ from sparsejax.kernels.mvue_columns import DRAWS, keep_non_finite, prune_columns
 from sparsejax.kernels.counter_hash import group_words, uniform_from_word
 from sparsejax.nm import _check_nm, from_groups, keep_largest, to_groups
 
-__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_numbers", "group_uniforms",
-           "key_data"]
+__all__ = ["METHODS", "DRAWS", "nm_prune", "prune_groups", "group_uniforms", "key_data"]
 
 METHODS = ("mvue", "mvue_approx", "greedy")
 
@@ -102,7 +101,7 @@ def group_uniforms(num_groups: int, draws: int, *, key: jax.Array) -> jax.Array:
   return _uniforms_of(jnp.arange(num_groups, dtype=jnp.uint32), draws, key)
 
 
-def group_numbers(shape: tuple, m: int, axis: int) -> jax.Array:
+def _group_numbers(shape: tuple, m: int, axis: int) -> jax.Array:
   """The memory-order number of every group, in the layout of ``to_groups(x, m, axis)``.
 
   Arguments:
@@ -153,7 +152,7 @@ def nm_prune(x: jax.Array, *, key: jax.Array | None = None, n: int, m: int, meth
   else:
     draws = DRAWS[method, n, m]
     _check_group_count(int(np.prod(groups.shape[:-1])), draws)
-    uniforms = _uniforms_of(group_numbers(jnp.shape(x), m, axis), draws, key)
+    uniforms = _uniforms_of(_group_numbers(jnp.shape(x), m, axis), draws, key)
     out = prune_groups(groups, uniforms, n=n, method=method)
   return from_groups(out, axis)
 
