@@ -44,7 +44,7 @@ setup(
     extras_require={
         # The suite executes the notebooks, so it needs their kernel too, and it builds
         # a tfds dataset (the data extra).
-        "test": ["pytest>=8", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29", *DATA],
         "notebooks": ["jupyterlab>=4", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
         "data": DATA,

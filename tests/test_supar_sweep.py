@@ -222,6 +222,18 @@ def test_groups_order_estimates_and_budget():
   assert groups.estimate_seconds(32, 2.0, timed) == 5.0 + 10.0  # no width 32: all calls
   assert groups.fits(0.0, None, 1.0) and groups.fits(5.0, 100.0, 0.0)
   assert groups.fits(10.0, 10.0, 21.0) and not groups.fits(10.0, 10.0, 20.0)  # 10 % margin
+  # Seed-major runs; calls round-robin over groups, so each group's seed 0 curve comes first.
+  config = dataclasses.replace(_TINY, seeds=2, base_lr=0.01, models_per_call=3)
+  pending = sweep._pending(config, set(), 1.0)
+  assert pending[0][1] == [(-1, 0), (0, 0), (1, 0), (-1, 1), (0, 1), (1, 1)]
+  calls = groups.interleaved_calls(pending, 3)
+  assert [(g.parameterization, runs) for g, runs in calls] == [
+      ("sp", [(-1, 0), (0, 0), (1, 0)]), ("supar", [(-1, 0), (0, 0), (1, 0)]),
+      ("sp", [(-1, 1), (0, 1), (1, 1)]), ("supar", [(-1, 1), (0, 1), (1, 1)])]
+  assert groups.interleaved_calls(pending, 0) == pending
+  tiered = groups.interleaved_calls(pending, 3, tier=lambda g: g.parameterization == "supar")
+  assert [(g.parameterization, runs[0][1]) for g, runs in tiered] == [
+      ("sp", 0), ("sp", 1), ("supar", 0), ("supar", 1)]
   assert sweep.steps_per_call(2000) == 100 and sweep.steps_per_call(97) == 97
   assert sweep.steps_per_call(202) == 2
 

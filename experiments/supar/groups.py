@@ -81,6 +81,29 @@ class CallTime(NamedTuple):
   compile_seconds: float
 
 
+def interleaved_calls(pending: list[tuple[Group, list]], size: int, tier=lambda group: 0
+                      ) -> list[tuple[Group, list]]:
+  """Splits each group's runs into calls of ``size`` (0: the whole group), round-robin over groups.
+
+  Within a tier, every group's first call comes before any group's second, so a
+  sweep that a time budget stops has covered every group of the tier; with
+  seed-major runs and ``size`` = the LR grid, each call is one seed's LR curve.
+  A lower tier's calls all come first.
+
+  Arguments:
+    pending: ``(group, runs)`` in the order the groups should run.
+    size: runs per call; 0 puts a whole group in one call.
+    tier: group -> int.
+
+  Returns:
+    ``(group, runs of one call)`` in the order the calls run.
+  """
+  chunks = [(tier(group), i, g, (group, runs[i:i + (size or len(runs))]))
+            for g, (group, runs) in enumerate(pending)
+            for i in range(0, len(runs), size or len(runs))]
+  return [call for *_, call in sorted(chunks, key=lambda c: c[:3])]
+
+
 def estimate_seconds(width: int, flops: float, timed: list[CallTime]) -> float | None:
   """Estimated wall time of a call from the calls already timed (``None``: none timed yet).
 

@@ -132,7 +132,9 @@ class Config:
   # How the runs are executed (none of these changes a run's result but dtype).
   dtype: str = field("float32", "compute dtype of the forward and backward pass (params and "
                      "Adam stay float32)", choices=("float32", "bfloat16"))
-  models_per_call: int = field(0, "runs of a group trained at once, vmapped (0: all)",
+  models_per_call: int = field(0, "runs of a group trained at once, vmapped (0: all); "
+                               "calls go round-robin over the groups, the sparsest and "
+                               "densest first",
                                at_least=0)
   time_budget_s: float = field(0.0, "stop before a call whose estimated end passes this many "
                                "seconds since the start (0: no limit); rerun to resume",
@@ -469,14 +471,15 @@ def plan(config: Config, alpha_in: float) -> list[tuple[groups.Group, list[tuple
   The proxy's groups (unless ``config.base_lr`` is given; one per ``alpha_in``
   of its grid, ``lr_step`` = log2 LR) come first, then the sweep's at
   ``alpha_in`` (``lr_step`` = log2(LR / base LR)): densities in
-  ``groups.density_order``, each for every parameterization.
+  ``groups.density_order``, each for every parameterization. A group's runs
+  are seed-major, so a call of ``len(lr_steps)`` runs is one seed's LR curve.
   """
   seeds = range(config.seeds)
   proxy = [(groups.Group("proxy", "mup", config.base_width, float(a), 1.0, config.layer),
-            [(k, s) for k in config.proxy_log2_lrs for s in seeds])
+            [(k, s) for s in seeds for k in config.proxy_log2_lrs])
            for a in config.proxy_alpha_in] if config.base_lr <= 0 else []
   sweep = [(groups.Group("sweep", name, config.width, float(alpha_in), float(d), config.layer),
-            [(k, s) for k in config.lr_steps for s in seeds])
+            [(k, s) for s in seeds for k in config.lr_steps])
            for d in groups.density_order(config.densities) for name in config.parameterizations]
   return proxy + sweep
 
@@ -603,14 +606,15 @@ def run(config: Config, out_dir: pathlib.Path, *, progress: bool = True) -> Swee
     While one call trains, a second thread builds and compiles the next one
     (with a budget: if both are estimated to fit it).
     """
+    # All seeds at the sparsest and densest settings (the drift and the gap) before the rest.
+    extremes = (min(config.densities), max(config.densities))
     calls = []
-    for group, runs in _pending(config, log.done, alpha_in):
-      if group.stage == stage:
-        p = _parameterization(config, group.parameterization, group.width, group.alpha_in)
-        size = config.models_per_call or len(runs)
-        calls += [(group, p, [(seed, k, 2.0**k if stage == "proxy" else base_lr * 2.0**k)
-                              for k, seed in runs[i:i + size]])
-                  for i in range(0, len(runs), size)]
+    for group, runs in groups.interleaved_calls(
+        [(g, r) for g, r in _pending(config, log.done, alpha_in) if g.stage == stage],
+        config.models_per_call, tier=lambda g: g.density not in extremes):
+      p = _parameterization(config, group.parameterization, group.width, group.alpha_in)
+      calls.append((group, p, [(seed, k, 2.0**k if stage == "proxy" else base_lr * 2.0**k)
+                               for k, seed in runs]))
 
     def estimate(i):
       group, _, runs = calls[i]
