@@ -47,6 +47,13 @@ def test_resume_skips_finished_pairs_seed_major_and_partial_results_render(tmp_p
 def test_time_budget_skips_runs_that_would_not_finish(tmp_path):
   assert mvue_grad.run(_TINY, ["dense"], out_dir=tmp_path, time_budget_s=0, progress=False) == []
   assert not (tmp_path / "runs.csv").exists()
+  # A method not yet run in this invocation is estimated from its own earlier runs.
+  recorded = [dict(method="mvue:2:4", seconds="17.0"), dict(method="mvue:2:4", seconds="8.0"),
+              dict(method="greedy:2:4", seconds="66.0")]
+  assert mvue_grad.expected_seconds("mvue:2:4", {}, recorded) == 17.0
+  assert mvue_grad.expected_seconds("mvue:2:4", {"mvue:2:4": 9.0}, recorded) == 9.0
+  assert mvue_grad.expected_seconds("dense", {"mvue:1:2": 70.0}, recorded) == 70.0
+  assert mvue_grad.expected_seconds("dense", {}, []) == 0.0
 
 
 def test_variance_on_a_real_captured_gradient_matches_the_formula():

@@ -307,13 +307,33 @@ def finished_pairs(out_dir: pathlib.Path, config: Config) -> set:
           if r["config_id"] == config_id(config)}
 
 
+def expected_seconds(method: str, timed: dict[str, float], recorded: list[dict]) -> float:
+  """How long a run of ``method`` is expected to take, for the time budget.
+
+  Arguments:
+    method: the method to run.
+    timed: seconds of each method's last run in this invocation (compiled already).
+    recorded: this config's ``runs.csv`` rows from earlier invocations.
+
+  Returns:
+    Its last run here; else its longest recorded run (that one included its
+    compile, as this invocation's first run of it will); else the longest run
+    seen at all (0 if none).
+  """
+  if method in timed:
+    return timed[method]
+  own = [float(r["seconds"]) for r in recorded if r["method"] == method]
+  every = [*timed.values(), *(float(r["seconds"]) for r in recorded)]
+  return max(own or every, default=0.0)
+
+
 def run(config: Config, methods=METHODS, *, out_dir: pathlib.Path, command: str = "",
         time_budget_s: float | None = None, progress=True) -> list[tuple[str, int]]:
   """All methods x seeds, seed-major, appending to the CSVs of ``out_dir``.
 
   Skips the (method, seed) pairs already in ``runs.csv`` for this configuration
-  and, with ``time_budget_s``, each run that its method's last run (or, before
-  any, the longest run so far) says would not finish in the remaining time.
+  and, with ``time_budget_s``, each run that ``expected_seconds`` says would not
+  finish in the remaining time.
 
   Returns:
     The pairs trained now.
@@ -326,6 +346,8 @@ def run(config: Config, methods=METHODS, *, out_dir: pathlib.Path, command: str 
   start = time.monotonic()
   out_dir.mkdir(parents=True, exist_ok=True)
   done = finished_pairs(out_dir, config)
+  recorded = [r for r in report.read_csv(out_dir / "runs.csv")
+              if r["config_id"] == config_id(config)]
   corpus = stdlib_byte_corpus(max_train_bytes=config.train_bytes, max_val_bytes=config.val_bytes)
   seconds, trained = {}, []
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
@@ -333,7 +355,7 @@ def run(config: Config, methods=METHODS, *, out_dir: pathlib.Path, command: str 
     for method in methods:
       if (method, seed) in done:
         continue
-      expected = seconds.get(method, max(seconds.values(), default=0.0))
+      expected = expected_seconds(method, seconds, recorded)
       if time_budget_s is not None and time.monotonic() - start + expected > time_budget_s:
         print(f"skipping {method} seed {seed}: ~{expected:.0f} s would pass the time budget",
               file=sys.stderr)
