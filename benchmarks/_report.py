@@ -58,6 +58,8 @@ def time_median(fn, inputs, repeats: int, burst: int = 1) -> float:
   sets) before waiting and divides by ``burst``, so that the host's dispatch and
   wait latency, tens of microseconds, is not timed: needed for ops of ~0.1 ms.
   """
+  if burst < 1 or repeats < 1:
+    raise ValueError(f"need burst >= 1 and repeats >= 1, got burst={burst}, repeats={repeats}")
   for args in inputs:
     jax.block_until_ready(fn(*args))
   seconds = []

@@ -118,3 +118,15 @@ def test_torch_peer_without_torch_and_its_rows(tmp_path):
                        xla_max_out=0, paths=kernels.parse_paths(["dense-bf16"]),
                        torch_rows=rows)
   assert [r.path for r in merged] == ["dense bf16", "torch csr f32", "torch csr bf16"]
+
+
+def test_time_median_queues_a_burst_of_calls_per_sample():
+  from benchmarks import _report
+  seen = []
+  fn = lambda x: seen.append(int(x)) or jnp.asarray(x)
+  inputs = [(jnp.int32(0),), (jnp.int32(1),)]
+  assert _report.time_median(fn, inputs, repeats=3, burst=4) > 0
+  # One warm-up per input set, then 3 samples of 4 calls cycling through the sets.
+  assert seen == [0, 1] + [0, 1, 0, 1] + [1, 0, 1, 0] + [0, 1, 0, 1]
+  with pytest.raises(ValueError, match="burst >= 1"):
+    _report.time_median(fn, inputs, repeats=3, burst=0)

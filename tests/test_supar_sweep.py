@@ -231,6 +231,8 @@ def test_groups_order_estimates_and_budget():
       ("sp", [(-1, 0), (0, 0), (1, 0)]), ("supar", [(-1, 0), (0, 0), (1, 0)]),
       ("sp", [(-1, 1), (0, 1), (1, 1)]), ("supar", [(-1, 1), (0, 1), (1, 1)])]
   assert groups.interleaved_calls(pending, 0) == pending
+  with pytest.raises(ValueError, match="runs per call"):
+    groups.interleaved_calls(pending, -1)
   tiered = groups.interleaved_calls(pending, 3, tier=lambda g: g.parameterization == "supar")
   assert [(g.parameterization, runs[0][1]) for g, runs in tiered] == [
       ("sp", 0), ("sp", 1), ("supar", 0), ("supar", 1)]

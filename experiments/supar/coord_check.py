@@ -36,7 +36,8 @@ import sparsejax as sj
 from ..common import config_flags
 from ..common.config_flags import field
 from sparsejax import supar
-from .coord_output import plot, write_csv
+from .coord_output import plot
+from .groups import write_csv
 
 _LAYERS = ("fixed_fanin", "masked")
 _MODELS = ("mlp", "gpt")

@@ -1,23 +1,15 @@
-"""The coordinate check's outputs: its rows as a CSV and a figure.
+"""The coordinate check's figure.
 
 Used by the check's driver (``coord_check``) and by the sweep (``sweep``), which runs the
-GPT's check; a module of its own so that neither imports the other for them.
+GPT's check; a module of its own so that neither imports the other for it. Both write
+the rows with ``groups.write_csv``.
 """
 
 from __future__ import annotations
 
-import csv
 import pathlib
 
-__all__ = ["plot", "write_csv"]
-
-
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+__all__ = ["plot"]
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:

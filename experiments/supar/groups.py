@@ -97,7 +97,12 @@ def interleaved_calls(pending: list[tuple[Group, list]], size: int, tier=lambda 
 
   Returns:
     ``(group, runs of one call)`` in the order the calls run.
+
+  Raises:
+    ValueError: if ``size`` is negative.
   """
+  if size < 0:
+    raise ValueError(f"runs per call must be >= 0 (0: a whole group), got {size}")
   chunks = [(tier(group), i, g, (group, runs[i:i + (size or len(runs))]))
             for g, (group, runs) in enumerate(pending)
             for i in range(0, len(runs), size or len(runs))]

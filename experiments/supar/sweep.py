@@ -896,7 +896,7 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
                   else ["No sweep runs yet.", "", "![validation loss vs LR](lr_sweep.png)"])
   coord = []
   if result.coord_rows:
-    coord_output.write_csv(result.coord_rows, out_dir / "coord_check.csv")
+    groups.write_csv(result.coord_rows, out_dir / "coord_check.csv")
     coord_output.plot(result.coord_rows, out_dir / "coord_check.png")
     drift = supar.coord_check_drift(result.coord_rows, width=config.width,
                                     density=max(config.densities),
