@@ -9,6 +9,11 @@ settings, test P@1/3/5 and PSP@1/3/5, the final training loss, seconds per
 epoch and the time and metric differences to the ``dense`` row. The rows are
 ``ROWS``; ``K`` is given as a share of the classifier's input width, so ``1/8``
 holds at any ``embed_dim``.
+
+Seeds: run the same rows with ``--base=...,seed=S`` into one output directory per
+seed, then ``--combine=DIR_0,DIR_1,... --reference=ROW --output_dir=DIR`` writes
+``ablations_seeds.md``: per row the mean ± sample std over seeds, and the gaps to
+``ROW`` paired by seed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from sparsejax.xmc import inverse_propensity, score
 from ..common import config_flags
 from . import train
 
-__all__ = ["ROWS", "row_config", "run", "table"]
+__all__ = ["ROWS", "read_summaries", "row_config", "run", "seed_table", "table",
+           "write_tables"]
 
 # Each row's settings over the base config. ``density`` sets fan_in to that share of the
 # classifier's input width (intermediate if set, else embed_dim). The rows named ``*_wide512``
@@ -108,7 +114,9 @@ def run(rows: list[str], base: dict, output_dir: pathlib.Path,
     results = _popular(config) if name == "popular" else train.run(config)
     epochs = results["epochs"]
     summaries.append(dict(
-        row=name, settings=json.dumps(ROWS[name]), fan_in=config.fan_in,
+        row=name, settings=json.dumps(ROWS[name]), seed=config.seed,
+        base=json.dumps({k: v for k, v in base.items() if k != "seed"}, sort_keys=True),
+        fan_in=config.fan_in,
         **{m: round(100 * results["metrics"][m], 2) for m in
            ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")},
         final_loss=round(float(epochs[-1]["loss"]), 4) if epochs else None,
@@ -149,11 +157,92 @@ def table(summaries: list[dict]) -> str:
   return "\n".join(lines)
 
 
+_METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
+
+
+def write_tables(out: pathlib.Path, summaries: list[dict], header: str) -> None:
+  """Writes ``run``'s summaries to ``out/ablations.csv`` and, under ``header``, ``ablations.md``."""
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / "ablations.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
+    writer.writeheader()
+    writer.writerows(summaries)
+  (out / "ablations.md").write_text(f"{header}\n\n{table(summaries)}\n")
+
+
+def read_summaries(path: pathlib.Path) -> list[dict]:
+  """The summaries of an ``ablations.csv`` written by ``main``, numbers as numbers."""
+  if not path.is_file():
+    raise config_flags.ConfigError(f"{path}: no such file (is its directory an ablations "
+                                   "output_dir?)")
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "seed" not in rows[0] or "base" not in rows[0]:
+    raise config_flags.ConfigError(f"{path}: not an ablations.csv with seed and base columns "
+                                   "(rerun its ablations command to rewrite it)")
+  for r in rows:
+    r["seed"] = int(r["seed"])
+    for name in (*_METRICS, "seconds_per_epoch"):
+      r[name] = float(r[name]) if r[name] else None
+  return rows
+
+
+def _mean_std(values: list[float]) -> str:
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def seed_table(tables: list[list[dict]], reference: str) -> str:
+  """Markdown table of several seeds' ``run`` summaries: mean ± sample std per row.
+
+  Arguments:
+    tables: one summary list per seed (``read_summaries`` of one output directory
+      each), of the same base settings but the seed.
+    reference: the row every row is compared with, seed by seed (the Δ columns
+      are the mean ± std of the paired differences).
+
+  Returns:
+    One line per row, in the order the rows first appear.
+
+  Raises:
+    ConfigError: the tables differ in more than the seed, repeat a seed, or one
+      lacks the reference row.
+  """
+  bases = {r["base"] for table in tables for r in table}
+  if len(bases) > 1:
+    raise config_flags.ConfigError(f"the tables differ in more than the seed: {sorted(bases)}")
+  by_seed = {}
+  for table in tables:
+    seeds = {r["seed"] for r in table}
+    if len(seeds) != 1 or seeds & by_seed.keys():
+      raise config_flags.ConfigError(f"each table must hold one seed, not also in another: "
+                                     f"seeds {sorted(seeds)}")
+    rows = {r["row"]: r for r in table}
+    if reference not in rows:
+      raise config_flags.ConfigError(f"the table of seed {seeds.pop()} has no row {reference!r}")
+    by_seed[seeds.pop()] = rows
+  names = list(dict.fromkeys(r["row"] for table in tables for r in table))
+  lines = [f"| row | seeds | {' | '.join(_METRICS)} | Δ P@5 vs {reference} "
+           f"| Δ PSP@5 vs {reference} | s/epoch |", "|---|---:|" + "---:|" * 9]
+  for name in names:
+    runs = [(rows[name], rows[reference]) for rows in by_seed.values() if name in rows]
+    cells = [_mean_std([r[m] for r, _ in runs]) for m in _METRICS]
+    cells += [_mean_std([r[m] - ref[m] for r, ref in runs]) for m in ("P@5", "PSP@5")]
+    times = [r["seconds_per_epoch"] for r, _ in runs if r["seconds_per_epoch"]]
+    cells.append(f"{np.mean(times):.1f}" if times else "")
+    lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
+  return "\n".join(lines)
+
+
 def define_flags() -> None:
   flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a dataset directory (see train)")
   flags.DEFINE_list("rows", ["dense", "sparse"], f"rows to run, of: {', '.join(ROWS)}")
   flags.DEFINE_list("base", [], "train.Config settings of every row, as field=value")
   flags.DEFINE_string("output_dir", "runs/ablations", "one directory per row, and the tables")
+  flags.DEFINE_list("combine", [], "train nothing: combine the ablations.csv of these output "
+                    "directories (one seed each) into output_dir/ablations_seeds.md")
+  flags.DEFINE_string("reference", "dense", "with --combine: the row the others are compared with")
   flags.DEFINE_boolean("debug", False, "on an error, print its traceback (default: one line)")
 
 
@@ -166,16 +255,19 @@ def main(argv) -> None:
     base = {"dataset": FLAGS.dataset, **parse_settings(FLAGS.base)}
     start = time.time()
     command = "python -m experiments.xmc.ablations " + " ".join(sys.argv[1:])
+    if FLAGS.combine:
+      if FLAGS["rows"].present or FLAGS["base"].present:
+        raise config_flags.ConfigError("--combine trains nothing: drop --rows and --base")
+      text = seed_table([read_summaries(pathlib.Path(d) / "ablations.csv")
+                         for d in FLAGS.combine], FLAGS.reference)
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "ablations_seeds.md").write_text(f"Command: `{command}`\n\n{text}\n")
+      print(text)
+      return
 
     def write(summaries):
-      out.mkdir(parents=True, exist_ok=True)
-      with open(out / "ablations.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
-        writer.writeheader()
-        writer.writerows(summaries)
-      (out / "ablations.md").write_text(
-          f"Command: `{command}`\n\nBase: {base}; device: {summaries[0]['device']}; "
-          f"{time.time() - start:.0f} s\n\n{table(summaries)}\n")
+      write_tables(out, summaries, header=f"Command: `{command}`\n\nBase: {base}; device: "
+                   f"{summaries[0]['device']}; {time.time() - start:.0f} s")
 
     print(table(run(FLAGS.rows, base, out, on_row=write)))
 
