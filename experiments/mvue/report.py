@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from ..common.tables import mean_std
+
 __all__ = ["read_csv", "final_table", "variance_tables", "render"]
 
 
@@ -24,13 +26,6 @@ def read_csv(path: pathlib.Path) -> list[dict]:
     return []
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
-
-
-def _mean_std(values, sign: str = "") -> str:
-  values = np.asarray(values, float)
-  if len(values) < 2:
-    return f"{values.mean():{sign}.4f}"
-  return f"{values.mean():{sign}.4f} ± {values.std(ddof=1):.4f}"
 
 
 def final_table(runs: list[dict]) -> list[dict]:
@@ -138,9 +133,9 @@ def render(out_dir: pathlib.Path, config_id: str | None = None) -> str:
   lines = ["| method | seeds | final train loss | final val loss | val gap to dense (paired) "
            "| s per run |", "|---|---:|---:|---:|---:|---:|"]
   for r in final_table(runs):
-    gap = _mean_std(r["gap"], "+") if r["gap"] else ""
-    lines.append(f"| {r['method']} | {r['seeds']} | {_mean_std(r['train'])} | "
-                 f"{_mean_std(r['val'])} | {gap} | {r['seconds']:.0f} |")
+    gap = mean_std(r["gap"], 4, "+") if r["gap"] else ""
+    lines.append(f"| {r['method']} | {r['seeds']} | {mean_std(r['train'], 4)} | "
+                 f"{mean_std(r['val'], 4)} | {gap} | {r['seconds']:.0f} |")
   table = "\n".join(lines)
   config = json.loads(runs[-1]["config"])
   commands = "\n".join(f"  - `{c}`" for c in dict.fromkeys(r["command"] for r in runs))

@@ -35,9 +35,9 @@ from flax import nnx
 import sparsejax as sj
 from ..common import config_flags
 from ..common.config_flags import field
+from ..common.tables import write_csv
 from sparsejax import supar
 from .coord_output import plot
-from .groups import write_csv
 
 _LAYERS = ("fixed_fanin", "masked")
 _MODELS = ("mlp", "gpt")

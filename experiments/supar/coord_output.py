@@ -2,7 +2,7 @@
 
 Used by the check's driver (``coord_check``) and by the sweep (``sweep``), which runs the
 GPT's check; a module of its own so that neither imports the other for it. Both write
-the rows with ``groups.write_csv``.
+the rows with ``experiments.common.tables.write_csv``.
 """
 
 from __future__ import annotations

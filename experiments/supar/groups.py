@@ -18,6 +18,8 @@ import os
 import pathlib
 from typing import NamedTuple
 
+from ..common.tables import read_csv
+
 # Columns of runs.csv, in order. ``lr_step`` is log2(lr / base LR) for the
 # sweep and log2(lr) for the proxy (its grid is absolute, and the base LR is
 # only known once the proxy is done). ``seconds`` is the wall time of the
@@ -151,32 +153,6 @@ def timed_calls(rows: list[dict], flops_of) -> list[CallTime]:
                           float(r["compile_seconds"])))
     i += n
   return calls
-
-
-def read_csv(path: pathlib.Path) -> list[dict]:
-  """Rows of a CSV, with numbers parsed (``nan`` included)."""
-  def parse(value: str):
-    for kind in (int, float):
-      try:
-        return kind(value)
-      except ValueError:
-        pass
-    return value
-
-  with open(path, newline="") as f:
-    return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-  """Writes ``rows`` (columns of the first row) through a temporary file, so that a kill
-  mid-write keeps the old file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
 
 
 class RunsFile:

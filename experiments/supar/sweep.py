@@ -57,8 +57,8 @@ from ..common import config_flags
 from ..common.byte_lm import ByteLM, LinearFactory, dense_linear
 from ..common.config_flags import field
 from ..common.progress import Progress
+from ..common.tables import read_csv, write_csv
 from . import coord_output, groups
-from .groups import read_csv
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
 
@@ -879,7 +879,7 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
   counting the runs still to train for ``config``.
   """
   out_dir.mkdir(parents=True, exist_ok=True)
-  groups.write_csv(result.rows, out_dir / "runs.csv")
+  write_csv(result.rows, out_dir / "runs.csv")
   has_sweep = any(r["stage"] == "sweep" for r in result.rows)
   table = optimum_table(result.rows) if has_sweep else []
   plot_lr_sweep(result.rows, result.base_lr).savefig(out_dir / "lr_sweep.png", dpi=120)
@@ -896,7 +896,7 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
                   else ["No sweep runs yet.", "", "![validation loss vs LR](lr_sweep.png)"])
   coord = []
   if result.coord_rows:
-    groups.write_csv(result.coord_rows, out_dir / "coord_check.csv")
+    write_csv(result.coord_rows, out_dir / "coord_check.csv")
     coord_output.plot(result.coord_rows, out_dir / "coord_check.png")
     drift = supar.coord_check_drift(result.coord_rows, width=config.width,
                                     density=max(config.densities),

@@ -18,7 +18,6 @@ seed, then ``--combine=DIR_0,DIR_1,... --reference=ROW --output_dir=DIR`` writes
 
 from __future__ import annotations
 
-import csv
 import fractions
 import json
 import pathlib
@@ -31,6 +30,7 @@ from absl import flags, logging
 from sparsejax.xmc import inverse_propensity, score
 
 from ..common import config_flags
+from ..common.tables import mean_std, read_csv, write_csv
 from . import train
 
 __all__ = ["ROWS", "read_summaries", "row_config", "run", "seed_table", "table",
@@ -162,11 +162,7 @@ _METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
 def write_tables(out: pathlib.Path, summaries: list[dict], header: str) -> None:
   """Writes ``run``'s summaries to ``out/ablations.csv`` and, under ``header``, ``ablations.md``."""
-  out.mkdir(parents=True, exist_ok=True)
-  with open(out / "ablations.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
-    writer.writeheader()
-    writer.writerows(summaries)
+  write_csv(summaries, out / "ablations.csv")
   (out / "ablations.md").write_text(f"{header}\n\n{table(summaries)}\n")
 
 
@@ -175,22 +171,11 @@ def read_summaries(path: pathlib.Path) -> list[dict]:
   if not path.is_file():
     raise config_flags.ConfigError(f"{path}: no such file (is its directory an ablations "
                                    "output_dir?)")
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+  rows = read_csv(path)
   if not rows or "seed" not in rows[0] or "base" not in rows[0]:
     raise config_flags.ConfigError(f"{path}: not an ablations.csv with seed and base columns "
                                    "(rerun its ablations command to rewrite it)")
-  for r in rows:
-    r["seed"] = int(r["seed"])
-    for name in (*_METRICS, "seconds_per_epoch"):
-      r[name] = float(r[name]) if r[name] else None
   return rows
-
-
-def _mean_std(values: list[float]) -> str:
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
 def seed_table(tables: list[list[dict]], reference: str) -> str:
@@ -227,8 +212,8 @@ def seed_table(tables: list[list[dict]], reference: str) -> str:
            f"| Δ PSP@5 vs {reference} | s/epoch |", "|---|---:|" + "---:|" * 9]
   for name in names:
     runs = [(rows[name], rows[reference]) for rows in by_seed.values() if name in rows]
-    cells = [_mean_std([r[m] for r, _ in runs]) for m in _METRICS]
-    cells += [_mean_std([r[m] - ref[m] for r, ref in runs]) for m in ("P@5", "PSP@5")]
+    cells = [mean_std([r[m] for r, _ in runs], 2) for m in _METRICS]
+    cells += [mean_std([r[m] - ref[m] for r, ref in runs], 2, "+") for m in ("P@5", "PSP@5")]
     times = [r["seconds_per_epoch"] for r, _ in runs if r["seconds_per_epoch"]]
     cells.append(f"{np.mean(times):.1f}" if times else "")
     lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
