@@ -172,9 +172,8 @@ def test_initialize_draws_each_role_with_its_std():
 
 
 def test_coord_check_supar_is_stable_across_density_and_width_sp_is_not():
-  densities = (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
   rows = coord_check.run(coord_check.Config(parameterizations=("sp", "supar"), widths=(256,),
-                                            densities=densities, seeds=3))
+                                            densities=(1, 1 / 4, 1 / 16), seeds=2))
   worst = supar.coord_check_drift(rows, width=256, density=1)
   assert worst["supar"] < 1.2, worst
   assert worst["sp"] > 1.2, worst  # SP drifts: the same check can fail

@@ -204,6 +204,37 @@ def test_vmapped_runs_match_runs_on_their_own(layer, density, width):
   assert len({v for _, v in got}) == 4  # seeds and LRs really differ
 
 
+def test_a_seed_one_parameterization_has_alone_is_left_out_of_the_comparison():
+  # SμPar has seed 2 at density 1/4, SP not yet: seed 2 (a much higher loss, + s) must not
+  # enter SμPar's mean, and the gap lines pair seeds 0 and 1.
+  rows = (_rows("sp", 1.0, 0) + _rows("sp", 0.25, 2) + _rows("supar", 1.0, 0)
+          + _rows("supar", 0.25, 0, seeds=(0, 1, 2)))
+  for r in rows:  # SμPar's seed 1 at its optimum: 0.1 better, so the paired gaps differ
+    if (r["parameterization"], r["density"], r["lr_step"], r["seed"]) == ("supar", 0.25, 0, 1):
+      r["val_loss"] -= 0.1
+  table = sweep.optimum_table(rows)
+  cell = {(r["parameterization"], r["density"]): r for r in table}
+  supar = cell["supar", 0.25]
+  assert supar["seeds"] == [0, 1] and supar["left_out"] == [2]
+  assert supar["best_loss"] == pytest.approx(2.45)
+  assert supar["best_by_seed"] == pytest.approx({0: 2.0, 1: 2.9})
+  assert cell["sp", 0.25]["left_out"] == []
+  text = sweep.markdown_tables(table)
+  assert "until every parameterization at that density has them: SμPar at 1/4: seed 2." in text
+  assert "| 1/4 | +2* (4.00e-03) | +0 (1.00e-03) | 0, 1 |" in text
+  # SP at its optimum (step 2) against SμPar at its own (step 0): 0.75 and 0.85 by seed.
+  assert any("own optimal LR: SμPar 2.4500, SP 3.2500 nats/byte; SμPar is 0.8000 (24.6 %) "
+             "lower (SP − SμPar per seed: +0.8000 ± 0.0707, seeds 0, 1)" in line
+             for line in sweep.outcome_lines(table))
+  # No seed in common at a density: an error, not a mean over different seeds.
+  with pytest.raises(ValueError, match="density 1/4: no seed is trained at every LR by every "
+                                       "parameterization"):
+    sweep.optimum_table(_rows("sp", 0.25, 2, seeds=(0,)) + _rows("supar", 0.25, 0, seeds=(1,)))
+  # A seed missing one LR is not complete either.
+  with pytest.raises(ValueError, match="density 1/4: no seed"):
+    sweep.optimum_table(_rows("sp", 0.25, 2, seeds=(0,))[1:] + _rows("supar", 0.25, 0, seeds=(0,)))
+
+
 def test_partial_tables_mark_missing_cells():
   table = sweep.optimum_table(_rows("sp", 1.0, 0) + _rows("sp", 0.25, 2)
                               + _rows("supar", 1.0, 0))

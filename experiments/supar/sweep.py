@@ -57,7 +57,7 @@ from ..common import config_flags
 from ..common.byte_lm import ByteLM, LinearFactory, dense_linear
 from ..common.config_flags import field
 from ..common.progress import Progress
-from ..common.tables import read_csv, write_csv
+from ..common.tables import mean_std, read_csv, write_csv
 from . import coord_output, groups
 from sparsejax import supar
 from sparsejax.data import ByteCorpus, sample_windows, stdlib_byte_corpus
@@ -662,23 +662,58 @@ def run(config: Config, out_dir: pathlib.Path, *, progress: bool = True) -> Swee
   return SweepResult(list(log.rows), base_lr, alpha_in, coord_rows)
 
 
+def paired_seeds(sweep: list[dict]) -> dict[float, list[int]]:
+  """Per density, the seeds trained at every LR by every parameterization trained there.
+
+  The tables compare parameterizations at a density over these seeds only, so that a
+  partial sweep (one parameterization ahead of another by a seed) gaps no mixed seed sets.
+
+  Raises:
+    ValueError: no seed is trained by every parameterization at some density.
+  """
+  lrs = {r["lr"] for r in sweep}
+  got = {}
+  for r in sweep:
+    got.setdefault(r["density"], {}).setdefault(r["parameterization"], {}).setdefault(
+        r["seed"], set()).add(r["lr"])
+  paired = {}
+  for density, cells in got.items():
+    complete = [{seed for seed, seed_lrs in seeds.items() if seed_lrs == lrs}
+                for seeds in cells.values()]
+    paired[density] = sorted(set.intersection(*complete))
+    if not paired[density]:
+      raise ValueError(f"density {_density_label(density)}: no seed is trained at every LR by "
+                       f"every parameterization ({', '.join(sorted(cells))}); nothing to compare")
+  return paired
+
+
 def optimum_table(rows: list[dict]) -> list[dict]:
   """Per (parameterization, density) of the sweep: the optimal LR and the losses.
 
+  At each density only the seeds of ``paired_seeds`` count.
+
   Returns:
     Rows ``{parameterization, density, best_step, best_lr, at_edge, best_loss,
-    base_loss, drift, seeds, spread}``: the optimum's grid step ``log2(lr /
-    base_lr)``, whether it lies on the grid's edge (the true optimum may be
-    beyond), the mean val loss there and at the base LR (step 0, the
-    transferred hyperparameters; NaN if step 0 is not in the grid), ``drift``
-    = best step minus the best step at the highest density, and the number of
-    seeds and their range (max - min) of val loss at the optimum.
+    base_loss, drift, seeds, spread, best_by_seed, base_by_seed, left_out}``: the
+    optimum's grid step ``log2(lr / base_lr)``, whether it lies on the grid's
+    edge (the true optimum may be beyond), the mean val loss there and at the
+    base LR (step 0, the transferred hyperparameters; NaN if step 0 is not in
+    the grid), ``drift`` = best step minus the best step at the highest
+    density, the seeds compared and their range (max - min) of val loss at the
+    optimum, ``{seed: val loss}`` at the optimum and at the base LR, and the
+    seeds trained but left out (not yet paired).
   """
   sweep = [r for r in rows if r["stage"] == "sweep"]
   steps = {r["lr"]: r["lr_step"] for r in sweep}
   base_lr = next((lr for lr, k in steps.items() if k == 0), None)
   edges = (min(steps.values()), max(steps.values()))
-  curves, seed_losses = _curves(sweep), _seed_losses(sweep)
+  paired = paired_seeds(sweep)
+  kept = [r for r in sweep if r["seed"] in paired[r["density"]]]
+  curves = _curves(kept)
+  by_seed = {}
+  for r in kept:
+    by_seed.setdefault((r["parameterization"], r["density"], r["lr"]), {})[r["seed"]] = (
+        r["val_loss"])
   table = []
   for name in dict.fromkeys(r["parameterization"] for r in sweep):
     own = sorted(((key, curve) for key, curve in curves.items() if key[1] == name),
@@ -686,12 +721,17 @@ def optimum_table(rows: list[dict]) -> list[dict]:
     reference = steps[_argmin(own[0][1], (name, own[0][0][3]))]
     for key, curve in own:
       best, density = _argmin(curve, (name, key[3])), key[3]
-      at_best = seed_losses[key][best]
+      at_best = by_seed[name, density, best]
+      trained = {r["seed"] for r in sweep if (r["parameterization"], r["density"]) == (name,
+                                                                                      density)}
       table.append(dict(parameterization=name, density=density, best_step=steps[best],
                         best_lr=best, at_edge=steps[best] in edges, best_loss=curve[best],
                         base_loss=curve.get(base_lr, math.nan),
-                        drift=steps[best] - reference, seeds=len(at_best),
-                        spread=max(at_best) - min(at_best)))
+                        drift=steps[best] - reference, seeds=paired[density],
+                        spread=max(at_best.values()) - min(at_best.values()),
+                        best_by_seed=at_best,
+                        base_by_seed=by_seed.get((name, density, base_lr), {}),
+                        left_out=sorted(trained - set(paired[density]))))
   return table
 
 
@@ -699,43 +739,55 @@ def outcome(table: list[dict]) -> dict:
   """The headline numbers: optimum drift per parameterization, gaps at the sparsest density.
 
   Returns:
-    ``{"drift": {name: (min drift, max drift)}, "sparsest": density,
-    "loss": {name: {"best": ..., "base": ...}}}`` at the sparsest density.
+    ``{"drift": {name: (min drift, max drift)}, "sparsest": density, "seeds": [...],
+    "loss": {name: {"best": ..., "base": ..., "best_by_seed": {seed: ...},
+    "base_by_seed": {seed: ...}}}}`` at the sparsest density, over its paired seeds.
   """
   sparsest = min(r["density"] for r in table)
+  at_sparsest = [r for r in table if r["density"] == sparsest]
   return dict(
       drift={r["parameterization"]: (min(q["drift"] for q in table
                                          if q["parameterization"] == r["parameterization"]),
                                      max(q["drift"] for q in table
                                          if q["parameterization"] == r["parameterization"]))
              for r in table},
-      sparsest=sparsest,
-      loss={r["parameterization"]: {"best": r["best_loss"], "base": r["base_loss"]}
-            for r in table if r["density"] == sparsest})
+      sparsest=sparsest, seeds=at_sparsest[0]["seeds"],
+      loss={r["parameterization"]: {k: r[k] for k in ("best", "base", "best_by_seed",
+                                                      "base_by_seed")}
+            for r in ({**q, "best": q["best_loss"], "base": q["base_loss"]}
+                      for q in at_sparsest)})
 
 
 def markdown_tables(table: list[dict]) -> str:
   """Optimal LR step and val losses per density (rows) and parameterization (columns).
 
-  A partial sweep leaves cells it has not trained as "—".
+  A partial sweep leaves cells it has not trained as "—", and says which trained
+  seeds it leaves out of the comparison.
   """
   names = list(dict.fromkeys(r["parameterization"] for r in table))
   cell = {(r["parameterization"], r["density"]): r for r in table}
   densities = sorted({r["density"] for r in table}, reverse=True)
-  head = "| density | " + " | ".join(NAMES[n] for n in names) + " |"
-  rule = "|---|" + "---:|" * len(names)
+  head = "| density | " + " | ".join(NAMES[n] for n in names) + " | seeds |"
+  rule = "|---|" + "---:|" * len(names) + "---|"
 
   def rows(text):
     return [f"| {_density_label(d)} | " + " | ".join(
-        text(cell[n, d]) if (n, d) in cell else "—" for n in names) + " |" for d in densities]
+        text(cell[n, d]) if (n, d) in cell else "—" for n in names)
+        + f" | {', '.join(map(str, next(r['seeds'] for r in table if r['density'] == d)))} |"
+        for d in densities]
 
-  seeds = sorted({r["seeds"] for r in table})
+  left_out = [f"{NAMES[r['parameterization']]} at {_density_label(r['density'])}: seed"
+              f"{'s' if len(r['left_out']) > 1 else ''} {', '.join(map(str, r['left_out']))}"
+              for r in table if r["left_out"]]
+  note = ([f"Trained but left out until every parameterization at that density has them: "
+           f"{'; '.join(left_out)}.", ""] if left_out else [])
   return "\n".join([
       "Optimal LR: grid step log2(LR / base LR) (0 is the proxy's optimum), its LR; * on the "
-      "grid's edge.", "", head, rule,
+      "grid's edge. At each density the seeds column lists the seeds that every "
+      "parameterization there has trained; only those count.", "", *note, head, rule,
       *rows(lambda c: f"{c['best_step']:+d}{'*' if c['at_edge'] else ''} ({c['best_lr']:.2e})"),
-      "", f"Validation loss (nats/byte, mean over {'/'.join(map(str, seeds))} seeds): at the "
-      "optimum / at the base LR (the proxy's LR, no re-tuning), and the gap between them.", "",
+      "", "Validation loss (nats/byte, mean over the seeds): at the optimum / at the base LR "
+      "(the proxy's LR, no re-tuning), and the gap between them.", "",
       head, rule,
       *rows(lambda c: f"{c['best_loss']:.4f} / {c['base_loss']:.4f} "
                       f"({c['base_loss'] - c['best_loss']:+.4f})"),
@@ -744,13 +796,14 @@ def markdown_tables(table: list[dict]) -> str:
 
 
 def outcome_lines(table: list[dict]) -> list[str]:
-  """Plain sentences with the measured drift and loss gaps."""
+  """Plain sentences with the measured drift and loss gaps (paired by seed)."""
   o = outcome(table)
   lines = [f"- {NAMES[n]}: the optimal LR moves by {lo:+d} to {hi:+d} grid steps (factors of 2) "
            "from the densest model's." for n, (lo, hi) in o["drift"].items()]
+  sparsest, seeds = _density_label(o["sparsest"]), ", ".join(map(str, o["seeds"]))
   for n, loss in o["loss"].items():
     gap = loss["base"] - loss["best"]
-    lines.append(f"- {NAMES[n]}, density {_density_label(o['sparsest'])}: the proxy's LR "
+    lines.append(f"- {NAMES[n]}, density {sparsest}: the proxy's LR "
                  f"(step 0) costs {gap:.4f} nats/byte ({100 * gap / loss['best']:.1f} %) over "
                  f"its own optimal LR ({loss['base']:.4f} vs {loss['best']:.4f}).")
   if "supar" in o["loss"]:
@@ -759,11 +812,16 @@ def outcome_lines(table: list[dict]) -> list[str]:
       for which, label in (("base", "at the base LR (no re-tuning)"),
                            ("best", "each at its own optimal LR")):
         theirs = o["loss"][n][which]
+        per_seed = [o["loss"][n][f"{which}_by_seed"][s] - ours[f"{which}_by_seed"][s]
+                    for s in o["seeds"] if s in ours[f"{which}_by_seed"]
+                    and s in o["loss"][n][f"{which}_by_seed"]]
         gap = theirs - ours[which]
-        lines.append(f"- Density {_density_label(o['sparsest'])}, {label}: SμPar "
+        paired = (f" ({NAMES[n]} − SμPar per seed: {mean_std(per_seed, 4, '+')}, seeds {seeds})"
+                  if len(per_seed) > 1 else "")
+        lines.append(f"- Density {sparsest}, {label}: SμPar "
                      f"{ours[which]:.4f}, {NAMES[n]} {theirs:.4f} nats/byte; SμPar is "
                      f"{abs(gap):.4f} ({100 * abs(gap) / theirs:.1f} %) "
-                     f"{'lower' if gap > 0 else 'higher'}.")
+                     f"{'lower' if gap > 0 else 'higher'}{paired}.")
   return lines
 
 
@@ -915,7 +973,9 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
       f"- Config: {dataclasses.asdict(config)}",
       f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
       + (f"; run time {seconds:.0f} s" if seconds is not None else "; redrawn from runs.csv"),
-      f"- Machine: {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} CPU cores; "
+      # A redraw's machine is not the one that trained: the compute line names that.
+      f"- {'Machine' if seconds is not None else 'Redrawn on'}: {jax.devices()[0].platform}, "
+      f"{len(os.sched_getaffinity(0))} CPU cores; "
       f"jax {jax.__version__}, Python {sys.version.split()[0]}",
       *_compute_lines(result.rows), *status, *proxy, "", *outcome_text, *coord, ""])
   (out_dir / "sweep.md").write_text(text)
