@@ -250,7 +250,10 @@ def test_groups_order_estimates_and_budget():
   timed = [groups.CallTime(16, 2.0, 10.0, 3.0), groups.CallTime(64, 4.0, 20.0, 5.0),
            groups.CallTime(16, 1.0, 1.0, 1.0), groups.CallTime(64, 4.0, 8.0, 2.0)]
   assert groups.estimate_seconds(64, 8.0, timed) == 5.0 + 40.0  # width 64, slowest rate
-  assert groups.estimate_seconds(32, 2.0, timed) == 5.0 + 10.0  # no width 32: all calls
+  assert groups.estimate_seconds(32, 2.0, timed) == 3.0 + 10.0  # no width 32: all calls
+  # Builds of 11-17 s and one contended 122 s (built while a call trained): 17 s, not 122.
+  builds = [groups.CallTime(512, 1.0, 162.0, b) for b in (17.0, 11.0, 16.0, 122.0)]
+  assert groups.estimate_seconds(512, 1.0, builds) == 17.0 + 162.0
   assert groups.fits(0.0, None, 1.0) and groups.fits(5.0, 100.0, 0.0)
   assert groups.fits(10.0, 10.0, 21.0) and not groups.fits(10.0, 10.0, 20.0)  # 10 % margin
   # Seed-major runs; calls round-robin over groups, so each group's seed 0 curve comes first.
