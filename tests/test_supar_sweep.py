@@ -212,6 +212,8 @@ def test_a_seed_one_parameterization_has_alone_is_left_out_of_the_comparison():
   for r in rows:  # SμPar's seed 1 at its optimum: 0.1 better, so the paired gaps differ
     if (r["parameterization"], r["density"], r["lr_step"], r["seed"]) == ("supar", 0.25, 0, 1):
       r["val_loss"] -= 0.1
+  proxy = dict(rows[0], stage="proxy", seed=5)
+  assert sweep.paired_rows([proxy, *rows]) == [proxy, *(r for r in rows if r["seed"] != 2)]
   table = sweep.optimum_table(rows)
   cell = {(r["parameterization"], r["density"]): r for r in table}
   supar = cell["supar", 0.25]

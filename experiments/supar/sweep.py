@@ -687,6 +687,13 @@ def paired_seeds(sweep: list[dict]) -> dict[float, list[int]]:
   return paired
 
 
+def paired_rows(rows: list[dict]) -> list[dict]:
+  """``rows`` less the sweep runs of seeds that ``paired_seeds`` leaves out (proxy rows stay)."""
+  sweep = [r for r in rows if r["stage"] == "sweep"]
+  paired = paired_seeds(sweep) if sweep else {}
+  return [r for r in rows if r["stage"] != "sweep" or r["seed"] in paired[r["density"]]]
+
+
 def optimum_table(rows: list[dict]) -> list[dict]:
   """Per (parameterization, density) of the sweep: the optimal LR and the losses.
 
@@ -708,7 +715,7 @@ def optimum_table(rows: list[dict]) -> list[dict]:
   base_lr = next((lr for lr, k in steps.items() if k == 0), None)
   edges = (min(steps.values()), max(steps.values()))
   paired = paired_seeds(sweep)
-  kept = [r for r in sweep if r["seed"] in paired[r["density"]]]
+  kept = paired_rows(sweep)
   curves = _curves(kept)
   by_seed = {}
   for r in kept:
@@ -940,7 +947,9 @@ def write_outputs(result: SweepResult, config: Config, out_dir: pathlib.Path, co
   write_csv(result.rows, out_dir / "runs.csv")
   has_sweep = any(r["stage"] == "sweep" for r in result.rows)
   table = optimum_table(result.rows) if has_sweep else []
-  plot_lr_sweep(result.rows, result.base_lr).savefig(out_dir / "lr_sweep.png", dpi=120)
+  # The plot shows what the tables compare.
+  plot_lr_sweep(paired_rows(result.rows), result.base_lr).savefig(out_dir / "lr_sweep.png",
+                                                                  dpi=120)
   if table:
     plot_best_vs_density(table).savefig(out_dir / "best_vs_density.png", dpi=120)
   # Counted for resumable runs.csv files only: older ones keyed the proxy's LRs otherwise.
