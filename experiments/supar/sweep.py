@@ -665,8 +665,8 @@ def run(config: Config, out_dir: pathlib.Path, *, progress: bool = True) -> Swee
 def paired_seeds(sweep: list[dict]) -> dict[float, list[int]]:
   """Per density, the seeds trained at every LR by every parameterization trained there.
 
-  The tables compare parameterizations at a density over these seeds only, so that a
-  partial sweep (one parameterization ahead of another by a seed) gaps no mixed seed sets.
+  The tables compare parameterizations at a density over these seeds only: in a partial
+  sweep one parameterization can be a seed ahead of another, and no gap may mix seed sets.
 
   Raises:
     ValueError: no seed is trained by every parameterization at some density.
@@ -759,10 +759,9 @@ def outcome(table: list[dict]) -> dict:
                                          if q["parameterization"] == r["parameterization"]))
              for r in table},
       sparsest=sparsest, seeds=at_sparsest[0]["seeds"],
-      loss={r["parameterization"]: {k: r[k] for k in ("best", "base", "best_by_seed",
-                                                      "base_by_seed")}
-            for r in ({**q, "best": q["best_loss"], "base": q["base_loss"]}
-                      for q in at_sparsest)})
+      loss={r["parameterization"]: dict(best=r["best_loss"], base=r["base_loss"],
+                                        best_by_seed=r["best_by_seed"],
+                                        base_by_seed=r["base_by_seed"]) for r in at_sparsest})
 
 
 def markdown_tables(table: list[dict]) -> str:
