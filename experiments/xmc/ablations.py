@@ -86,6 +86,10 @@ def parse_settings(pairs) -> dict:
   return out
 
 
+# The test metrics each summary holds, in percent.
+_METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
+
+
 def row_config(name: str, base: dict, output_dir: pathlib.Path) -> train.Config:
   """The ``train.Config`` of row ``name`` over ``base``, in ``output_dir/name``."""
   if name not in ROWS:
@@ -117,8 +121,7 @@ def run(rows: list[str], base: dict, output_dir: pathlib.Path,
         row=name, settings=json.dumps(ROWS[name]), seed=config.seed,
         base=json.dumps({k: v for k, v in base.items() if k != "seed"}, sort_keys=True),
         fan_in=config.fan_in,
-        **{m: round(100 * results["metrics"][m], 2) for m in
-           ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")},
+        **{m: round(100 * results["metrics"][m], 2) for m in _METRICS},
         final_loss=round(float(epochs[-1]["loss"]), 4) if epochs else None,
         seconds_per_epoch=round(results["seconds_per_epoch"], 2)
         if results["seconds_per_epoch"] else None,
@@ -155,9 +158,6 @@ def table(summaries: list[dict]) -> str:
                  f"{delta[0]} | {delta[1]} | {s['final_loss']} | {s['seconds_per_epoch']} | "
                  f"{delta[2]} |")
   return "\n".join(lines)
-
-
-_METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
 
 def write_tables(out: pathlib.Path, summaries: list[dict], header: str) -> None:
