@@ -7,9 +7,15 @@ Workloads:
 
 * ``layer``: fwd+bwd of ``fixed_fanin_matmul`` (``--impl``) at (batch, in,
   out, K), loss 0.5 |y|^2, bf16 activations; ``--impl dense`` for ``x @ W``;
-* ``set``: one rewiring update of ``set_topology(adam)`` on a (out, K) layer.
+* ``set``: one rewiring update of ``set_topology(adam)`` on a (out, K) layer;
+* ``byte_lm``: one compiled call of the SμPar sweep (``experiments.supar.sweep``):
+  ``--models`` SμPar runs of the byte GPT at ``--width``, hidden density
+  ``--density`` (``--layer``), ``--dtype``, vmapped, ``--lm_steps`` Adam steps
+  each. It also prints the call's wall time and its dense-equivalent TFLOP/s
+  (``groups.flops_per_step``).
 
   python benchmarks/profile_trace.py --workload layer --impl xla_tile --out 670091 --fan_in 64
+  python benchmarks/profile_trace.py --workload byte_lm --width 512 --density 1/128 --models 7
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +66,31 @@ def _set_step():
   return lambda: update(grads, state, params)
 
 
+def _byte_lm_step():
+  from sparsejax.experiments.supar import groups, sweep
+  config = sweep.Config(width=FLAGS.width, base_width=FLAGS.width // 4, heads=4, context=256,
+                        batch=16, steps=FLAGS.lm_steps, warmup=1, layer=FLAGS.layer,
+                        dtype=FLAGS.dtype)
+  bytes_ = jax.random.randint(jax.random.key(0), (1 << 20,), 0, 256).astype(jnp.uint8)
+  windows = jnp.zeros((config.val_batches, config.batch, config.context), jnp.int32)
+  data = sweep.Data(bytes_, (windows, windows))
+  p = sj.SuPar("supar", width=config.width, base_width=config.base_width, alpha_in=4.0)
+  density = sweep._fraction(FLAGS.density)
+  runs = [(0, k, 2.0**-7) for k in range(FLAGS.models)]
+  call = sweep.prepare_call(config, p, density, runs, data)
+  params, opt_state, rest, keys, lrs = call.state
+  state = [params, opt_state]
+
+  def step():
+    (state[0], state[1]), losses = call.train(state[0], state[1], rest, data.train, keys, lrs,
+                                              jnp.int32(0))
+    return losses
+
+  flops = FLAGS.models * FLAGS.lm_steps * groups.flops_per_step(
+      width=config.width, depth=config.depth, context=config.context, batch=config.batch)
+  return step, flops
+
+
 def kernel_table(trace_dir: pathlib.Path, steps: int) -> str:
   """Per-kernel totals from the Perfetto trace that ``jax.profiler.trace`` wrote."""
   files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("*.json.gz"))
@@ -95,26 +127,43 @@ def kernel_table(trace_dir: pathlib.Path, steps: int) -> str:
 
 def main(argv):
   del argv
-  run = {"layer": _layer_step, "set": _set_step}[FLAGS.workload]()
+  run, flops = {"layer": lambda: (_layer_step(), None), "set": lambda: (_set_step(), None),
+                "byte_lm": _byte_lm_step}[FLAGS.workload]()
   for _ in range(2):
     jax.block_until_ready(run())
+  began = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    jax.block_until_ready(run())
+  seconds = (time.perf_counter() - began) / FLAGS.steps
   trace_dir = pathlib.Path(FLAGS.trace_dir or tempfile.mkdtemp())
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for _ in range(FLAGS.steps):
       jax.block_until_ready(run())
-  print(f"{FLAGS.workload} impl={FLAGS.impl} batch={FLAGS.batch} in={FLAGS.in_features} "
-        f"out={FLAGS.out} K={FLAGS.fan_in}")
+  if FLAGS.workload == "byte_lm":
+    print(f"byte_lm width={FLAGS.width} density={FLAGS.density} layer={FLAGS.layer} "
+          f"dtype={FLAGS.dtype} models={FLAGS.models} lm_steps={FLAGS.lm_steps} "
+          f"on {jax.devices()[0].device_kind}: {seconds * 1e3:.1f} ms per call, "
+          f"{flops / seconds / 1e12:.2f} TFLOP/s dense-equivalent")
+  else:
+    print(f"{FLAGS.workload} impl={FLAGS.impl} batch={FLAGS.batch} in={FLAGS.in_features} "
+          f"out={FLAGS.out} K={FLAGS.fan_in}: {seconds * 1e3:.2f} ms per step")
   print(kernel_table(trace_dir, FLAGS.steps))
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  flags.DEFINE_enum("workload", "layer", ["layer", "set"], "what to profile")
+  flags.DEFINE_enum("workload", "layer", ["layer", "set", "byte_lm"], "what to profile")
   flags.DEFINE_string("impl", "xla_tile", "fixed_fanin_matmul impl, or 'dense'")
   flags.DEFINE_integer("batch", 256, "batch")
   flags.DEFINE_integer("in_features", 768, "in")
   flags.DEFINE_integer("out", 670091, "out")
   flags.DEFINE_integer("fan_in", 64, "K")
-  flags.DEFINE_integer("steps", 3, "profiled steps")
+  flags.DEFINE_integer("steps", 3, "timed, then profiled steps (byte_lm: compiled calls)")
+  flags.DEFINE_integer("width", 512, "byte_lm: model width (the proxy's is a quarter)")
+  flags.DEFINE_string("density", "1", "byte_lm: hidden density, a number or a fraction like 1/128")
+  flags.DEFINE_enum("layer", "fixed_fanin", ["fixed_fanin", "masked"], "byte_lm: sparse layer")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "byte_lm: compute dtype")
+  flags.DEFINE_integer("models", 7, "byte_lm: runs vmapped in the call")
+  flags.DEFINE_integer("lm_steps", 100, "byte_lm: Adam steps per call (the sweep's chunk)")
   flags.DEFINE_string("trace_dir", "", "where the trace goes (default: a temporary folder)")
   app.run(main)

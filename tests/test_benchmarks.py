@@ -1,6 +1,10 @@
 """The benchmark scripts run at toy sizes and write their own BENCHMARKS.md section."""
 
 import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -130,3 +134,15 @@ def test_time_median_queues_a_burst_of_calls_per_sample():
   assert seen == [0, 1] + [0, 1, 0, 1] + [1, 0, 1, 0] + [0, 1, 0, 1]
   with pytest.raises(ValueError, match="burst >= 1"):
     _report.time_median(fn, inputs, repeats=3, burst=0)
+
+
+def test_profile_trace_times_a_call_of_the_supar_sweep(tmp_path):
+  script = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_trace.py"
+  out = subprocess.run(
+      [sys.executable, str(script), "--workload", "byte_lm", "--width", "32",
+       "--density", "1/8", "--models", "2", "--lm_steps", "2", "--steps", "1",
+       "--trace_dir", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+  line = re.search(r"byte_lm width=32 density=1/8 layer=fixed_fanin dtype=bfloat16 models=2 "
+                   r"lm_steps=2 on \w+: ([0-9.]+) ms per call, ([0-9.]+) TFLOP/s", out)
+  assert line and float(line.group(1)) > 0, out
+  assert list(tmp_path.rglob("*.trace.json.gz")), "no profile written"

@@ -1,7 +1,9 @@
 """The SμPar transfer sweep: the GPT's per-layer SμPar table, the analysis, and a tiny run."""
 
+import collections
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -291,6 +293,29 @@ def test_flops_per_step_matches_xla_for_the_dense_model():
   xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
   ours = groups.flops_per_step(width=32, depth=2, context=32, batch=4)
   assert 1.0 <= xla / ours <= 1.2  # XLA also counts the elementwise work
+
+
+@pytest.mark.parametrize("layer", sweep.LAYERS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_training_step_multiplies_in_the_compute_dtype(layer, dtype):
+  # nnx.Embed casts its rows to float32, which once made every matmul of a bfloat16 run
+  # float32. Attention scores come out in float32 (jax.nn.dot_product_attention), so its
+  # backward mixes dtypes; no matmul may have float32 on both sides under bfloat16.
+  config = sweep.Config(width=32, base_width=8, heads=2, context=16, batch=2, steps=2,
+                        warmup=1, layer=layer, dtype=dtype)
+  p = sj.SuPar("supar", width=32, base_width=8)
+  model, specs = sweep.build_model(config, p, 0.25, key=jax.random.key(0))
+  graphdef, params, rest = sweep.split_model(model)
+  fns = sweep.run_fns(graphdef, sweep.make_optimizer(specs, p, config), config)
+  hlo = jax.jit(fns.train).lower(params, fns.init(params), rest, jnp.zeros(1000, jnp.uint8),
+                                 jax.random.key(1), jnp.float32(1e-3), jnp.int32(0)).as_text()
+  operands = collections.Counter(re.findall(
+      r"stablehlo.dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo))
+  short = {"bfloat16": "bf16", "float32": "f32"}[dtype]
+  # 2 blocks x (4 layers x 3 matmuls) + the head's 3: the dense-layer matmuls of a step.
+  assert operands[(short, short)] >= 27, operands
+  if dtype == "bfloat16":
+    assert operands[("f32", "f32")] == 0, operands
 
 
 def test_runs_file_refuses_a_foreign_csv(tmp_path):

@@ -98,7 +98,10 @@ class ByteLM(nnx.Module):
     self.head = (head or linear)(width, 256, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.position[...][: tokens.shape[1]]
+    # nnx.Embed returns its param_dtype (float32) whatever the table holds; back to the
+    # table's dtype (exact), or a bfloat16 copy of the params would run in float32.
+    x = self.embed(tokens).astype(self.embed.embedding.dtype)
+    x = x + self.position[...][: tokens.shape[1]]
     x = self.embedding_multiplier * x
     for block in self.blocks:
       x = block(x)
