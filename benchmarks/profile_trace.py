@@ -21,6 +21,7 @@ Workloads:
 from __future__ import annotations
 
 import collections
+import fractions
 import gzip
 import json
 import pathlib
@@ -75,7 +76,7 @@ def _byte_lm_step():
   windows = jnp.zeros((config.val_batches, config.batch, config.context), jnp.int32)
   data = sweep.Data(bytes_, (windows, windows))
   p = sj.SuPar("supar", width=config.width, base_width=config.base_width, alpha_in=4.0)
-  density = sweep._fraction(FLAGS.density)
+  density = float(fractions.Fraction(FLAGS.density))
   runs = [(0, k, 2.0**-7) for k in range(FLAGS.models)]
   call = sweep.prepare_call(config, p, density, runs, data)
   params, opt_state, rest, keys, lrs = call.state

@@ -411,13 +411,13 @@ def train_call(config: Config, call: PreparedCall, data: Data, *, stage: str,
   return rows
 
 
-def _seed_losses(rows: list[dict]) -> dict[tuple, dict[float, list[float]]]:
-  """``{(stage, parameterization, alpha_in, density): {lr: [val loss per seed]}}``, sorted."""
+def _seed_losses(rows: list[dict]) -> dict[tuple, dict[float, dict[int, float]]]:
+  """``{(stage, parameterization, alpha_in, density): {lr: {seed: val loss}}}``, LRs sorted."""
   by_key = {}
   for r in rows:
     curve = by_key.setdefault((r["stage"], r["parameterization"], r["alpha_in"], r["density"]),
                               {})
-    curve.setdefault(r["lr"], []).append(r["val_loss"])
+    curve.setdefault(r["lr"], {})[r["seed"]] = r["val_loss"]
   return {key: dict(sorted(curve.items())) for key, curve in by_key.items()}
 
 
@@ -426,7 +426,7 @@ def _curves(rows: list[dict]) -> dict[tuple, dict[float, float]]:
 
   The mean is NaN where any seed diverged, which rules that LR out.
   """
-  return {key: {lr: float(np.mean(v)) for lr, v in curve.items()}
+  return {key: {lr: float(np.mean(list(v.values()))) for lr, v in curve.items()}
           for key, curve in _seed_losses(rows).items()}
 
 
@@ -714,13 +714,8 @@ def optimum_table(rows: list[dict]) -> list[dict]:
   steps = {r["lr"]: r["lr_step"] for r in sweep}
   base_lr = next((lr for lr, k in steps.items() if k == 0), None)
   edges = (min(steps.values()), max(steps.values()))
-  paired = paired_seeds(sweep)
   kept = paired_rows(sweep)
-  curves = _curves(kept)
-  by_seed = {}
-  for r in kept:
-    by_seed.setdefault((r["parameterization"], r["density"], r["lr"]), {})[r["seed"]] = (
-        r["val_loss"])
+  curves, seed_losses = _curves(kept), _seed_losses(kept)
   table = []
   for name in dict.fromkeys(r["parameterization"] for r in sweep):
     own = sorted(((key, curve) for key, curve in curves.items() if key[1] == name),
@@ -728,17 +723,16 @@ def optimum_table(rows: list[dict]) -> list[dict]:
     reference = steps[_argmin(own[0][1], (name, own[0][0][3]))]
     for key, curve in own:
       best, density = _argmin(curve, (name, key[3])), key[3]
-      at_best = by_seed[name, density, best]
+      at_best = seed_losses[key][best]  # a paired seed has every LR, diverged or not
       trained = {r["seed"] for r in sweep if (r["parameterization"], r["density"]) == (name,
                                                                                       density)}
       table.append(dict(parameterization=name, density=density, best_step=steps[best],
                         best_lr=best, at_edge=steps[best] in edges, best_loss=curve[best],
                         base_loss=curve.get(base_lr, math.nan),
-                        drift=steps[best] - reference, seeds=paired[density],
+                        drift=steps[best] - reference, seeds=sorted(at_best),
                         spread=max(at_best.values()) - min(at_best.values()),
-                        best_by_seed=at_best,
-                        base_by_seed=by_seed.get((name, density, base_lr), {}),
-                        left_out=sorted(trained - set(paired[density]))))
+                        best_by_seed=at_best, base_by_seed=seed_losses[key].get(base_lr, {}),
+                        left_out=sorted(trained - at_best.keys())))
   return table
 
 
@@ -859,7 +853,8 @@ def plot_lr_sweep(rows: list[dict], base_lr: float):
                else f"α_in = {key[2]:g}")
       x = [math.log2(lr / base_lr) for lr in curve]
       ax.plot(x, list(curve.values()), marker="o", ms=3, color=color, label=label)
-      finite_seeds = [[v for v in seeds if np.isfinite(v)] for seeds in seed_losses[key].values()]
+      finite_seeds = [[v for v in seeds.values() if np.isfinite(v)]
+                      for seeds in seed_losses[key].values()]
       ax.fill_between(x, [min(v, default=math.nan) for v in finite_seeds],
                       [max(v, default=math.nan) for v in finite_seeds], color=color, alpha=0.2,
                       lw=0)
