@@ -122,6 +122,20 @@ def test_optimum_table_drift_and_gaps():
              in line for line in sweep.outcome_lines(table))
 
 
+def test_gap_tables_pair_seeds_within_and_across_densities():
+  # Density 1 has seeds 0-2, density 1/4 seeds 0-1 for both: the gap to SμPar pairs within a
+  # density, and the loss-vs-density gap pairs 1/4 with density 1 on seeds 0 and 1 only.
+  rows = (_rows("sp", 1.0, 0, seeds=(0, 1, 2)) + _rows("sp", 0.25, 2)
+          + _rows("supar", 1.0, 0, seeds=(0, 1, 2)) + _rows("supar", 0.25, 0))
+  text = sweep.markdown_tables(sweep.optimum_table(rows))
+  # SP − SμPar at 1/4, per seed: 0.79 at step 0, 0.75 at each optimum; % of SP's mean loss.
+  assert "| 1/4 | +0.7900 ± 0.0000 (24.0 %) | +0.7500 ± 0.0000 (23.1 %) | 0, 1 |" in text
+  assert "| 1 | +0.0000 ± 0.0000 (0.0 %) | +0.0000 ± 0.0000 (0.0 %) | 0, 1, 2 |" in text
+  assert "| 1/4 | +0.7500 ± 0.0000 (0, 1) | +0.0000 ± 0.0000 (0, 1) |" in text
+  one = sweep.markdown_tables(sweep.optimum_table(_rows("sp", 1.0, 0) + _rows("supar", 1.0, 0)))
+  assert "Gap to SμPar" in one and "Loss vs density" not in one  # one density: nothing to pair
+
+
 def test_tiny_sweep_stops_at_its_time_budget_resumes_and_writes_csv_plots_and_tables(tmp_path):
   # Nothing is timed before the first call (the proxy at alpha_in 1), so it runs; the
   # second would pass the budget. The partial sweep renders from runs.csv.

@@ -736,6 +736,11 @@ def optimum_table(rows: list[dict]) -> list[dict]:
   return table
 
 
+def _paired_gap(minuend: dict[int, float], subtrahend: dict[int, float]) -> dict[int, float]:
+  """``{s: minuend[s] - subtrahend[s]}`` for every seed ``s`` in both, in seed order."""
+  return {s: minuend[s] - subtrahend[s] for s in sorted(minuend.keys() & subtrahend.keys())}
+
+
 def outcome(table: list[dict]) -> dict:
   """The headline numbers: optimum drift per parameterization, gaps at the sparsest density.
 
@@ -792,7 +797,60 @@ def markdown_tables(table: list[dict]) -> str:
       *rows(lambda c: f"{c['best_loss']:.4f} / {c['base_loss']:.4f} "
                       f"({c['base_loss'] - c['best_loss']:+.4f})"),
       "", "Seed range (max − min over seeds) of the validation loss at the optimum.", "",
-      head, rule, *rows(lambda c: f"{c['spread']:.4f}")])
+      head, rule, *rows(lambda c: f"{c['spread']:.4f}"), *_gap_tables(table)])
+
+
+def _gap_tables(table: list[dict]) -> list[str]:
+  """Markdown lines: gaps paired by seed at every density, to SμPar and to the densest model.
+
+  Each cell is ``mean ± sample std`` over the paired seeds (the mean alone for one seed).
+  """
+  names = list(dict.fromkeys(r["parameterization"] for r in table))
+  cell = {(r["parameterization"], r["density"]): r for r in table}
+  densities = sorted({r["density"] for r in table}, reverse=True)
+  lines = []
+  others = [n for n in names if n != "supar"]
+  if "supar" in names and others:
+    whats = (("base", "proxy's LR"), ("best", "own optimum"))
+    lines += ["", "Gap to SμPar at every density, paired by seed (other − SμPar, nats/byte; "
+              "% of the other's loss), at the proxy's LR and each at its own optimal LR.", "",
+              "| density | " + " | ".join(f"{NAMES[n]}, {label}" for n in others
+                                          for _, label in whats) + " | seeds |",
+              "|---|" + "---:|" * (2 * len(others)) + "---|"]
+    for d in densities:
+      cells = []
+      for n in others:
+        for which, _ in whats:
+          if (n, d) not in cell or ("supar", d) not in cell:
+            cells.append("—")
+            continue
+          gap = list(_paired_gap(cell[n, d][f"{which}_by_seed"],
+                                 cell["supar", d][f"{which}_by_seed"]).values())
+          theirs = cell[n, d][f"{which}_loss"]  # the mean over the same paired seeds
+          cells.append(f"{mean_std(gap, 4, '+')} ({100 * np.mean(gap) / theirs:.1f} %)"
+                       if gap else "—")  # no gap at the proxy's LR if the grid lacks step 0
+      seeds = next(r["seeds"] for r in table if r["density"] == d)
+      lines.append(f"| {_density_label(d)} | " + " | ".join(cells)
+                   + f" | {', '.join(map(str, seeds))} |")
+  if len(densities) < 2:
+    return lines
+  densest = densities[0]
+  lines += ["", f"Loss vs density: each at its own optimal LR, minus the same "
+            f"parameterization's at density {_density_label(densest)}, paired by seed "
+            "(nats/byte; the seeds in parentheses).", "",
+            "| density | " + " | ".join(NAMES[n] for n in names) + " |",
+            "|---|" + "---:|" * len(names)]
+  for d in densities[1:]:
+    cells = []
+    for n in names:
+      if (n, d) not in cell or (n, densest) not in cell:
+        cells.append("—")
+        continue
+      gap = _paired_gap(cell[n, d]["best_by_seed"], cell[n, densest]["best_by_seed"])
+      cells.append(f"{mean_std(list(gap.values()), 4, '+')} ({', '.join(map(str, gap))})"
+                   if gap else "—")
+    lines.append(f"| {_density_label(d)} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def outcome_lines(table: list[dict]) -> list[str]:
@@ -812,9 +870,8 @@ def outcome_lines(table: list[dict]) -> list[str]:
       for which, label in (("base", "at the base LR (no re-tuning)"),
                            ("best", "each at its own optimal LR")):
         theirs = o["loss"][n][which]
-        per_seed = [o["loss"][n][f"{which}_by_seed"][s] - ours[f"{which}_by_seed"][s]
-                    for s in o["seeds"] if s in ours[f"{which}_by_seed"]
-                    and s in o["loss"][n][f"{which}_by_seed"]]
+        per_seed = list(_paired_gap(o["loss"][n][f"{which}_by_seed"],
+                                    ours[f"{which}_by_seed"]).values())
         gap = theirs - ours[which]
         paired = (f" ({NAMES[n]} − SμPar per seed: {mean_std(per_seed, 4, '+')}, seeds {seeds})"
                   if len(per_seed) > 1 else "")
