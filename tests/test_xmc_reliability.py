@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from experiments.xmc import evaluate, train
 from sparsejax.xmc import CheckpointError, read_checkpoint
@@ -83,37 +84,29 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(finished, tmp_pa
   assert results["metrics"] == finished[1]["metrics"]
 
 
-def _flip_stored_array_bytes(step_dir: pathlib.Path, state) -> None:
-  """Flips 8 bytes inside an array that the checkpoint stores once, uncompressed.
+def _alter_one_stored_value(state_dir: pathlib.Path, name: str) -> None:
+  """Changes one float of the stored array ``name`` by one ulp, through the storage itself.
 
-  Flipped compressed bytes fail to decode ("unreadable"), which the fallback
-  test covers; here the damage decodes fine, so only the checksums can see it.
-  Which arrays the writer compresses varies from run to run, so search them.
-  Small arrays are also inlined in the database's index (which has its own
-  checksums) and in per-process copies that are not read: take an array stored
-  in exactly one place.
+  Written through tensorstore, the damage decodes fine: the database and the chunk's
+  compression stay consistent, as after a faulty writer or bit rot that the storage does
+  not see. So only the checksums can catch it. (Flipping bytes of the files instead
+  mostly breaks the compressed chunks, which the fallback test covers.)
   """
-  files = {path: path.read_bytes() for path in (step_dir / "state").rglob("*") if path.is_file()}
-  for leaf in jax.tree.leaves(state):
-    leaf = np.asarray(leaf)
-    raw = leaf.tobytes()  # all-distinct values: a match is this array, not a run of zeros
-    if leaf.size < 16 or np.unique(leaf).size != leaf.size:
-      continue
-    hits = [(path, data.find(raw)) for path, data in files.items() if data.count(raw)]
-    if len(hits) == 1 and files[hits[0][0]].count(raw) == 1:
-      (path, at), = hits
-      data = bytearray(files[path])
-      middle = at + len(raw) // 2
-      data[middle:middle + 8] = bytes(b ^ 0xA5 for b in data[middle:middle + 8])
-      path.write_bytes(bytes(data))
-      return
-  raise AssertionError(f"no array of {step_dir} is stored once uncompressed")
+  base = {"driver": "ocdbt", "base": f"file://{state_dir}/"}
+  listed = {key.decode() for key in ts.KvStore.open(base).result().list().result()}
+  driver = "zarr3" if f"{name}/zarr.json" in listed else "zarr"
+  stored = ts.open({"driver": driver, "kvstore": {**base, "path": f"{name}/"}}).result()
+  values = stored.read().result()
+  assert values.dtype == np.float32
+  values.view(np.uint32).flat[0] ^= 1  # the lowest mantissa bit
+  stored.write(values).result()
 
 
-def test_flipped_bytes_are_caught_by_the_checksums(finished, tmp_path):
+def test_a_changed_stored_value_is_caught_by_the_checksums(finished, tmp_path):
   out = _copy(finished, tmp_path)
-  _flip_stored_array_bytes(out / "checkpoints" / "20", read_checkpoint(out, 20)[1])
-  with pytest.raises(CheckpointError, match="1 array.s. fail their checksum"):
+  _alter_one_stored_value(out / "checkpoints" / "20" / "state", "model.classifier.values")
+  with pytest.raises(CheckpointError,
+                     match="is damaged: 1 array.s. fail their checksum: model/classifier/values$"):
     read_checkpoint(out, 20)
 
 
